@@ -1,0 +1,87 @@
+//! The admin listener: `/live` (the process is serving) and `/ready` (listeners bound and every
+//! upstream's endpoint source has delivered its first full view), for Kubernetes probes.
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+
+use crate::pick::RankingWatch;
+
+/// What the admin endpoints report on.
+pub struct AdminState {
+    pub started: AtomicBool,
+    pub draining: AtomicBool,
+    pub upstreams: Vec<(Arc<str>, RankingWatch)>,
+}
+
+impl AdminState {
+    /// Ready once started, not draining, and every upstream has synced its endpoints.
+    pub fn not_ready_reason(&self) -> Option<String> {
+        if !self.started.load(Ordering::Acquire) {
+            return Some("starting".to_string());
+        }
+        if self.draining.load(Ordering::Acquire) {
+            return Some("shutting down".to_string());
+        }
+        self.upstreams
+            .iter()
+            .find(|(_, ranking)| !ranking.borrow().synced)
+            .map(|(name, _)| format!("upstream {name}: endpoints not synced yet"))
+    }
+}
+
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+async fn route(
+    state: Arc<AdminState>,
+    request: Request<hyper::body::Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    if request.method() != Method::GET {
+        return Ok(text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "GET only\n".to_string(),
+        ));
+    }
+    Ok(match request.uri().path() {
+        "/live" => text(StatusCode::OK, "live\n".to_string()),
+        "/ready" => match state.not_ready_reason() {
+            None => text(StatusCode::OK, "ready\n".to_string()),
+            Some(reason) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: {reason}\n"),
+            ),
+        },
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found; try /live or /ready\n".to_string(),
+        ),
+    })
+}
+
+pub async fn serve(listener: tokio::net::TcpListener, state: Arc<AdminState>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            continue;
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request| route(state.clone(), request));
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}

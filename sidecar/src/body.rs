@@ -1,0 +1,283 @@
+//! Moving gRPC message bytes between HTTP/2 (hyper) and HTTP/3 (h3) streams, in both
+//! directions, without buffering beyond what flow control allows.
+//!
+//! - [`H3RecvBody`] turns the receiving half of an HTTP/3 stream into an `http_body::Body`, polled
+//!   directly by hyper: bytes are read from QUIC only as fast as the HTTP/2 peer takes them, so a
+//!   stalled reader stalls the QUIC stream (backpressure) instead of growing a buffer.
+//! - [`pump_body`] copies an HTTP/2 body into the sending half of an HTTP/3 stream, awaiting
+//!   QUIC flow control on every write.
+//!
+//! Cancellation never calls `stop_sending` on a receive half: h3-quinn 0.0.10 panics when that
+//! happens while a read is pending. Dropping the receive half (quinn then sends STOP_SENDING
+//! itself) and resetting the send half achieve the same on the wire.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use bytes::{Buf, Bytes};
+use h3::error::{Code as H3Code, StreamError};
+use http::HeaderMap;
+use http_body::{Body, Frame};
+
+use crate::grpc;
+
+type ClientRecv = h3::client::RequestStream<h3_quinn::RecvStream, Bytes>;
+type ServerRecv = h3::server::RequestStream<h3_quinn::RecvStream, Bytes>;
+type ClientSend = h3::client::RequestStream<h3_quinn::SendStream<Bytes>, Bytes>;
+type ServerSend = h3::server::RequestStream<h3_quinn::SendStream<Bytes>, Bytes>;
+
+/// The receiving half of an HTTP/3 request stream, client or server side.
+pub trait H3Recv: Send + Unpin + 'static {
+    fn poll_data(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<Bytes>, StreamError>>;
+    fn poll_trailers(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<Option<HeaderMap>, StreamError>>;
+}
+
+macro_rules! impl_h3_recv {
+    ($stream:ty) => {
+        impl H3Recv for $stream {
+            fn poll_data(
+                &mut self,
+                cx: &mut Context<'_>,
+            ) -> Poll<Result<Option<Bytes>, StreamError>> {
+                let chunk = ready!(self.poll_recv_data(cx))?;
+                // h3-quinn hands out `Bytes` chunks, for which this is a reference-count bump.
+                Poll::Ready(Ok(chunk.map(|mut buf| buf.copy_to_bytes(buf.remaining()))))
+            }
+            fn poll_trailers(
+                &mut self,
+                cx: &mut Context<'_>,
+            ) -> Poll<Result<Option<HeaderMap>, StreamError>> {
+                self.poll_recv_trailers(cx)
+            }
+        }
+    };
+}
+impl_h3_recv!(ClientRecv);
+impl_h3_recv!(ServerRecv);
+
+/// The sending half of an HTTP/3 request stream, client or server side.
+pub trait H3Send: Send + 'static {
+    fn send_data(&mut self, data: Bytes) -> impl Future<Output = Result<(), StreamError>> + Send;
+    fn send_trailers(
+        &mut self,
+        trailers: HeaderMap,
+    ) -> impl Future<Output = Result<(), StreamError>> + Send;
+    fn finish(&mut self) -> impl Future<Output = Result<(), StreamError>> + Send;
+    fn reset(&mut self, code: H3Code);
+}
+
+macro_rules! impl_h3_send {
+    ($stream:ty) => {
+        impl H3Send for $stream {
+            fn send_data(
+                &mut self,
+                data: Bytes,
+            ) -> impl Future<Output = Result<(), StreamError>> + Send {
+                <$stream>::send_data(self, data)
+            }
+            fn send_trailers(
+                &mut self,
+                trailers: HeaderMap,
+            ) -> impl Future<Output = Result<(), StreamError>> + Send {
+                <$stream>::send_trailers(self, trailers)
+            }
+            fn finish(&mut self) -> impl Future<Output = Result<(), StreamError>> + Send {
+                <$stream>::finish(self)
+            }
+            fn reset(&mut self, code: H3Code) {
+                self.stop_stream(code)
+            }
+        }
+    };
+}
+impl_h3_send!(ClientSend);
+impl_h3_send!(ServerSend);
+
+/// Why an HTTP/3 stream stopped delivering: the peer reset it, or the connection failed.
+#[derive(Debug, thiserror::Error)]
+#[error("{description}")]
+pub struct StreamFailure {
+    /// The peer's reset code, when the peer reset the stream.
+    pub peer_reset: Option<H3Code>,
+    pub description: String,
+    /// hyper looks for an `h2::Error` among an error's sources to choose the RST_STREAM reason
+    /// it sends on, so a peer's cancel reaches the HTTP/2 side as a cancel.
+    #[source]
+    reason: h2::Error,
+}
+
+impl StreamFailure {
+    pub fn from_stream_error(error: StreamError) -> StreamFailure {
+        let (peer_reset, description) = match &error {
+            StreamError::RemoteTerminate { code, .. } => {
+                (Some(*code), format!("peer reset the stream ({code})"))
+            }
+            other => (None, other.to_string()),
+        };
+        let reason = match peer_reset {
+            Some(code) => grpc::h2_reason_for_h3_code(code),
+            None => h2::Reason::INTERNAL_ERROR,
+        };
+        StreamFailure {
+            peer_reset,
+            description,
+            reason: reason.into(),
+        }
+    }
+
+    /// The gRPC status a client should see for this failure.
+    pub fn grpc_code(&self) -> grpc::Code {
+        match self.peer_reset {
+            Some(code) => grpc::code_for_h3_reset(code),
+            None => grpc::Code::Unavailable,
+        }
+    }
+
+    pub fn is_cancel(&self) -> bool {
+        self.peer_reset == Some(H3Code::H3_REQUEST_CANCELLED)
+    }
+}
+
+enum RecvState {
+    Data,
+    Trailers,
+    Done,
+}
+
+/// An HTTP/3 stream's incoming body (DATA frames, then trailers) as an `http_body::Body`.
+pub struct H3RecvBody<R> {
+    recv: R,
+    state: RecvState,
+}
+
+impl<R: H3Recv> H3RecvBody<R> {
+    pub fn new(recv: R) -> Self {
+        H3RecvBody {
+            recv,
+            state: RecvState::Data,
+        }
+    }
+}
+
+impl<R: H3Recv> Body for H3RecvBody<R> {
+    type Data = Bytes;
+    type Error = StreamFailure;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, StreamFailure>>> {
+        let this = self.get_mut();
+        loop {
+            match this.state {
+                RecvState::Data => match ready!(this.recv.poll_data(cx)) {
+                    Ok(Some(data)) if data.is_empty() => continue,
+                    Ok(Some(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
+                    Ok(None) => this.state = RecvState::Trailers,
+                    Err(error) => {
+                        this.state = RecvState::Done;
+                        return Poll::Ready(Some(Err(StreamFailure::from_stream_error(error))));
+                    }
+                },
+                RecvState::Trailers => {
+                    let trailers = ready!(this.recv.poll_trailers(cx));
+                    this.state = RecvState::Done;
+                    return Poll::Ready(match trailers {
+                        Ok(Some(trailers)) => Some(Ok(Frame::trailers(trailers))),
+                        Ok(None) => None,
+                        Err(error) => Some(Err(StreamFailure::from_stream_error(error))),
+                    });
+                }
+                RecvState::Done => return Poll::Ready(None),
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self.state, RecvState::Done)
+    }
+}
+
+/// How copying a body into an HTTP/3 stream ended.
+#[derive(Debug)]
+pub enum PumpEnd {
+    /// Everything, trailers included, was sent and the stream finished.
+    Complete,
+    /// The source body failed (its sender reset or went away); the HTTP/3 stream was reset with
+    /// the matching code so the peer sees the abort rather than a clean end.
+    SourceFailed(H3Code),
+    /// The HTTP/3 peer stopped or reset the stream, or the connection was lost.
+    PeerGone(String),
+}
+
+/// Copies `body` (DATA frames, then trailers) into `send` and finishes the stream. Never leaves
+/// the stream half-written: on a source failure it resets the stream, because quinn finishes a
+/// dropped send stream cleanly, which would pass a truncated body off as complete.
+pub async fn pump_body<B, S>(mut body: B, send: &mut S) -> PumpEnd
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: std::error::Error + 'static,
+    S: H3Send,
+{
+    use http_body_util::BodyExt;
+    loop {
+        match body.frame().await {
+            None => {
+                return match send.finish().await {
+                    Ok(()) => PumpEnd::Complete,
+                    Err(e) => PumpEnd::PeerGone(e.to_string()),
+                }
+            }
+            Some(Ok(frame)) => {
+                let result = match frame.into_data() {
+                    Ok(data) if data.is_empty() => Ok(()),
+                    Ok(data) => send.send_data(data).await,
+                    Err(frame) => match frame.into_trailers() {
+                        Ok(trailers) => match send.send_trailers(trailers).await {
+                            Ok(()) => {
+                                return match send.finish().await {
+                                    Ok(()) => PumpEnd::Complete,
+                                    Err(e) => PumpEnd::PeerGone(e.to_string()),
+                                }
+                            }
+                            Err(e) => Err(e),
+                        },
+                        // Frame kinds other than data and trailers do not exist in gRPC.
+                        Err(_) => Ok(()),
+                    },
+                };
+                if let Err(error) = result {
+                    return PumpEnd::PeerGone(error.to_string());
+                }
+            }
+            Some(Err(error)) => {
+                let code = h3_code_for_body_error(&error);
+                send.reset(code);
+                return PumpEnd::SourceFailed(code);
+            }
+        }
+    }
+}
+
+/// The HTTP/3 reset code for a failed HTTP/2 body: the HTTP/2 reason when the error carries one.
+fn h3_code_for_body_error(error: &(dyn std::error::Error + 'static)) -> H3Code {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(err) = cause {
+        if let Some(h2_error) = err.downcast_ref::<h2::Error>() {
+            if let Some(reason) = h2_error.reason() {
+                return grpc::h3_code_for_h2_reason(reason);
+            }
+        }
+        if let Some(failure) = err.downcast_ref::<StreamFailure>() {
+            if let Some(code) = failure.peer_reset {
+                return code;
+            }
+        }
+        cause = err.source();
+    }
+    H3Code::H3_REQUEST_CANCELLED
+}

@@ -1,0 +1,378 @@
+//! The sidecar's configuration file: its shape, parsing (YAML or JSON) and validation.
+//!
+//! Validation happens before anything starts, so a bad file is one error line naming the field
+//! path, what was expected and what was found, never a half-started sidecar.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Every way a configuration can be wrong. Messages name the field path.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config {path}: {field}: {message}")]
+    Parse {
+        path: String,
+        field: String,
+        message: String,
+    },
+    #[error("config {path}: {field}: {message}")]
+    Invalid {
+        path: String,
+        field: String,
+        message: String,
+    },
+}
+
+/// The whole configuration file. Every section is optional.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Config {
+    /// Listeners the local app dials, one per upstream.
+    #[serde(default)]
+    pub outbound: Vec<OutboundConfig>,
+    /// The QUIC listener peers call, and where it forwards to.
+    pub inbound: Option<InboundConfig>,
+    /// Certificates for mutual TLS between sidecars.
+    pub tls: Option<TlsPaths>,
+    #[serde(default)]
+    pub admin: AdminConfig,
+    #[serde(default)]
+    pub locality: LocalityConfig,
+    /// gRPC service config (gRFC A6). Kept verbatim here; the retry layer interprets it.
+    pub service_config: Option<serde_json::Value>,
+}
+
+/// One upstream: a loopback h2c listener and where its calls go.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct OutboundConfig {
+    pub listen: SocketAddr,
+    /// Kubernetes Service name (`name` or `name.namespace`).
+    pub service: Option<String>,
+    /// Upstream name used in logs, metrics and error messages when `endpoints` is static.
+    pub name: Option<String>,
+    /// Static endpoints (development, tests, demo) instead of `service`.
+    pub endpoints: Option<Vec<StaticEndpoint>>,
+    /// The DNS name the upstream sidecars' certificates must carry.
+    pub server_name: Option<String>,
+}
+
+/// An upstream sidecar's QUIC address with its place in the topology.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct StaticEndpoint {
+    pub address: SocketAddr,
+    pub node: Option<String>,
+    pub zone: Option<String>,
+    /// A name for logs and the admin view; defaults to the address.
+    pub pod: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct InboundConfig {
+    /// UDP address of the QUIC/HTTP/3 listener.
+    pub listen: SocketAddr,
+    /// The local app's h2c gRPC address.
+    pub forward: SocketAddr,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TlsPaths {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: SocketAddr::from(([0, 0, 0, 0], 15090)),
+        }
+    }
+}
+
+/// The order in which locality tiers are tried.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum Tier {
+    Node,
+    Zone,
+    Any,
+}
+
+impl Tier {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tier::Node => "node",
+            Tier::Zone => "zone",
+            Tier::Any => "any",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct LocalityConfig {
+    pub tiers: Vec<Tier>,
+}
+
+impl Default for LocalityConfig {
+    fn default() -> Self {
+        LocalityConfig {
+            tiers: vec![Tier::Node, Tier::Zone, Tier::Any],
+        }
+    }
+}
+
+/// The certificate name checked on upstream sidecars when the config names none.
+pub const DEFAULT_SERVER_NAME: &str = "locality-sidecar";
+
+impl OutboundConfig {
+    /// The upstream's name for logs, metrics and error messages.
+    pub fn upstream_name(&self) -> String {
+        match (&self.service, &self.name) {
+            (Some(service), _) => service.clone(),
+            (None, Some(name)) => name.clone(),
+            (None, None) => format!("static:{}", self.listen),
+        }
+    }
+
+    pub fn server_name(&self) -> &str {
+        self.server_name.as_deref().unwrap_or(DEFAULT_SERVER_NAME)
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates config text; `origin` names it in errors (a path or a ConfigMap).
+    pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        // YAML is a superset of JSON, so one parser takes both.
+        let deserializer = serde_yaml_ng::Deserializer::from_str(text);
+        let config: Config = serde_path_to_error::deserialize(deserializer).map_err(|err| {
+            let field = err.path().to_string();
+            ConfigError::Parse {
+                path: origin.to_string(),
+                field: if field == "." {
+                    "(top level)".to_string()
+                } else {
+                    field
+                },
+                message: err.into_inner().to_string(),
+            }
+        })?;
+        config.validate(origin)?;
+        Ok(config)
+    }
+
+    fn validate(&self, origin: &str) -> Result<(), ConfigError> {
+        let invalid = |field: String, message: String| ConfigError::Invalid {
+            path: origin.to_string(),
+            field,
+            message,
+        };
+        let mut listens = HashSet::new();
+        for (index, outbound) in self.outbound.iter().enumerate() {
+            let at = format!("outbound[{index}]");
+            if !outbound.listen.ip().is_loopback() {
+                return Err(invalid(
+                    format!("{at}.listen"),
+                    format!(
+                        "expected a loopback address (the app's calls must not be reachable from the network), found {}",
+                        outbound.listen
+                    ),
+                ));
+            }
+            if !listens.insert(outbound.listen) {
+                return Err(invalid(
+                    format!("{at}.listen"),
+                    format!(
+                        "{} is already used by another outbound entry",
+                        outbound.listen
+                    ),
+                ));
+            }
+            match (&outbound.service, &outbound.endpoints) {
+                (Some(_), Some(_)) => {
+                    return Err(invalid(
+                        at,
+                        "expected either `service` or `endpoints`, found both".to_string(),
+                    ))
+                }
+                (None, None) => {
+                    return Err(invalid(
+                        at,
+                        "expected `service` (a Kubernetes Service) or `endpoints` (a static list), found neither"
+                            .to_string(),
+                    ))
+                }
+                (Some(service), None) => {
+                    if service.is_empty() || service.split('.').count() > 2 {
+                        return Err(invalid(
+                            format!("{at}.service"),
+                            format!("expected NAME or NAME.NAMESPACE, found {service:?}"),
+                        ));
+                    }
+                }
+                (None, Some(endpoints)) => {
+                    if endpoints.is_empty() {
+                        return Err(invalid(
+                            format!("{at}.endpoints"),
+                            "expected at least one endpoint, found an empty list".to_string(),
+                        ));
+                    }
+                }
+            }
+            if let Some(name) = &outbound.server_name {
+                if rustls_pki_types::ServerName::try_from(name.as_str()).is_err() {
+                    return Err(invalid(
+                        format!("{at}.serverName"),
+                        format!("expected a DNS name or IP address, found {name:?}"),
+                    ));
+                }
+            }
+        }
+        if let Some(inbound) = &self.inbound {
+            if listens.contains(&inbound.forward) {
+                return Err(invalid(
+                    "inbound.forward".to_string(),
+                    format!(
+                        "{} is an outbound listener of this sidecar; forwarding there would loop",
+                        inbound.forward
+                    ),
+                ));
+            }
+        }
+        if (self.inbound.is_some() || !self.outbound.is_empty()) && self.tls.is_none() {
+            return Err(invalid(
+                "tls".to_string(),
+                "expected {ca, cert, key}: peers talk mutual TLS, found no tls section".to_string(),
+            ));
+        }
+        if self.locality.tiers.is_empty() {
+            return Err(invalid(
+                "locality.tiers".to_string(),
+                "expected at least one of node, zone, any".to_string(),
+            ));
+        }
+        let mut seen = HashSet::new();
+        for (index, tier) in self.locality.tiers.iter().enumerate() {
+            if !seen.insert(*tier) {
+                return Err(invalid(
+                    format!("locality.tiers[{index}]"),
+                    format!("{} appears twice", tier.as_str()),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+outbound:
+  - listen: 127.0.0.1:7001
+    name: echo
+    endpoints: [{address: 127.0.0.2:15443, node: node-a, zone: z1}]
+inbound: {listen: 0.0.0.0:15443, forward: 127.0.0.1:50051}
+tls: {ca: /certs/ca.crt, cert: /certs/tls.crt, key: /certs/tls.key}
+admin: {listen: 0.0.0.0:15090}
+locality: {tiers: [node, zone, any]}
+"#;
+
+    fn error_of(text: &str) -> String {
+        match Config::parse(text, "test.yaml") {
+            Ok(_) => panic!("expected an error for {text}"),
+            Err(err) => err.to_string(),
+        }
+    }
+
+    #[test]
+    fn good_config_parses_with_every_section() {
+        let config = Config::parse(GOOD, "test.yaml").unwrap();
+        assert_eq!(config.outbound.len(), 1);
+        assert_eq!(config.outbound[0].upstream_name(), "echo");
+        assert_eq!(config.outbound[0].server_name(), DEFAULT_SERVER_NAME);
+        assert_eq!(config.inbound.unwrap().forward.port(), 50051);
+    }
+
+    #[test]
+    fn json_is_accepted() {
+        let config = Config::parse(r#"{"admin": {"listen": "127.0.0.1:9"}}"#, "t.json").unwrap();
+        assert_eq!(config.admin.listen.port(), 9);
+    }
+
+    #[test]
+    fn bad_address_names_the_field_path() {
+        let err = error_of(&GOOD.replace("127.0.0.2:15443", "not-an-address"));
+        assert!(err.contains("outbound[0].endpoints[0].address"), "{err}");
+    }
+
+    #[test]
+    fn unknown_field_is_rejected_with_its_path() {
+        let err = error_of(&GOOD.replace("forward:", "forwrd:"));
+        assert!(err.contains("inbound") && err.contains("forwrd"), "{err}");
+    }
+
+    #[test]
+    fn outbound_must_listen_on_loopback() {
+        let err = error_of(&GOOD.replace("127.0.0.1:7001", "0.0.0.0:7001"));
+        assert!(
+            err.contains("outbound[0].listen") && err.contains("loopback"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn service_and_endpoints_are_exclusive() {
+        let err = error_of(&GOOD.replace("name: echo", "service: echo"));
+        assert!(err.contains("found both"), "{err}");
+    }
+
+    #[test]
+    fn tls_is_required_when_peers_are_involved() {
+        let err = error_of(&GOOD.replace(
+            "tls: {ca: /certs/ca.crt, cert: /certs/tls.crt, key: /certs/tls.key}",
+            "",
+        ));
+        assert!(err.contains("tls"), "{err}");
+    }
+
+    #[test]
+    fn duplicate_tier_is_rejected() {
+        let err = error_of(&GOOD.replace("[node, zone, any]", "[node, node]"));
+        assert!(err.contains("locality.tiers[1]"), "{err}");
+    }
+
+    #[test]
+    fn unknown_tier_is_rejected() {
+        let err = error_of(&GOOD.replace("[node, zone, any]", "[rack]"));
+        assert!(err.contains("locality.tiers"), "{err}");
+    }
+}

@@ -1,0 +1,139 @@
+//! The `locality-sidecar` command line: `run`, `check-config` and `certs`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use locality_sidecar::certs::{write_dev_certs, CertRequest};
+use locality_sidecar::config::Config;
+
+#[derive(Parser)]
+#[command(
+    name = "locality-sidecar",
+    version,
+    about = "gRPC sidecar: localhost in, HTTP/3 with mutual TLS between pods, same node first"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the sidecar (outbound and inbound roles as the config describes).
+    Run {
+        /// The config file (YAML or JSON).
+        #[arg(long, env = "LOCALITY_SIDECAR_CONFIG")]
+        config: PathBuf,
+        /// Log format; the level comes from RUST_LOG (default info).
+        #[arg(
+            long,
+            env = "LOCALITY_SIDECAR_LOG_FORMAT",
+            value_enum,
+            default_value = "text"
+        )]
+        log_format: LogFormat,
+    },
+    /// Validate a config file: exit 0, or print the problem and exit 1.
+    CheckConfig { file: PathBuf },
+    /// Write a development CA and a peer certificate (ca.crt, ca.key, tls.crt, tls.key).
+    Certs {
+        /// Output directory.
+        #[arg(long, env = "LOCALITY_SIDECAR_CERTS_OUT")]
+        out: PathBuf,
+        /// Extra DNS names for the certificate (repeatable); `locality-sidecar` is always included.
+        #[arg(long = "name")]
+        names: Vec<String>,
+        /// Sign with the CA in this directory (ca.crt + ca.key) instead of creating a new one.
+        #[arg(long)]
+        ca: Option<PathBuf>,
+        /// The certificate's common name.
+        #[arg(long, default_value = "locality-sidecar")]
+        common_name: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            // One line: the error and its causes, outermost first.
+            eprintln!("locality-sidecar: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::CheckConfig { file } => {
+            Config::load(&file)?;
+            eprintln!("{}: ok", file.display());
+            Ok(())
+        }
+        Command::Certs {
+            out,
+            names,
+            ca,
+            common_name,
+        } => {
+            let written = write_dev_certs(&CertRequest {
+                out,
+                extra_names: names,
+                existing_ca: ca,
+                common_name,
+            })?;
+            for path in written {
+                eprintln!("wrote {}", path.display());
+            }
+            Ok(())
+        }
+        Command::Run { config, log_format } => {
+            init_logging(log_format);
+            let config = Config::load(&config)?;
+            locality_sidecar::tls::install_crypto_provider();
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("cannot start the async runtime")?;
+            runtime.block_on(async move {
+                let running = locality_sidecar::sidecar::start(config).await?;
+                wait_for_signal().await?;
+                tracing::info!("shutdown signal received; draining");
+                running.shutdown().await;
+                Ok(())
+            })
+        }
+    }
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut terminate = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
+    tokio::select! {
+        _ = terminate.recv() => {}
+        _ = interrupt.recv() => {}
+    }
+    Ok(())
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

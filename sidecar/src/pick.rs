@@ -1,0 +1,297 @@
+//! Picking the endpoint for one attempt: rank the upstream's endpoints into locality tiers
+//! (same node, same zone, anywhere, in the configured order), then balance within the best
+//! non-empty tier by power-of-two-choices on calls in flight, so a slow pod, which accumulates
+//! in-flight calls, gets fewer new ones instead of a full round-robin share.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use tokio::sync::watch;
+
+use crate::config::Tier;
+use crate::endpoints::{Endpoint, EndpointSet, EndpointWatch};
+
+/// Where this sidecar runs, from the downward API.
+#[derive(Debug, Clone, Default)]
+pub struct Locality {
+    pub node_name: Option<String>,
+    pub host_ip: Option<IpAddr>,
+    pub zone: Option<String>,
+}
+
+impl Locality {
+    /// Reads `NODE_NAME` and `HOST_IP` (downward API) and `ZONE` when set.
+    pub fn from_env() -> Locality {
+        let non_empty = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        Locality {
+            node_name: non_empty("NODE_NAME"),
+            host_ip: non_empty("HOST_IP").and_then(|ip| ip.parse().ok()),
+            zone: non_empty("ZONE"),
+        }
+    }
+
+    fn same_node(&self, endpoint: &Endpoint) -> bool {
+        // Host IP is what the pod status reports reliably; the node name is the fallback for
+        // pods whose status has no host IP yet.
+        match (self.host_ip, endpoint.host_ip) {
+            (Some(ours), Some(theirs)) => ours == theirs,
+            _ => matches!((&self.node_name, &endpoint.node), (Some(a), Some(b)) if a == b),
+        }
+    }
+
+    fn same_zone(&self, endpoint: &Endpoint) -> bool {
+        matches!((&self.zone, &endpoint.zone), (Some(a), Some(b)) if a == b)
+    }
+
+    fn tier_of(&self, endpoint: &Endpoint, order: &[Tier]) -> Option<Tier> {
+        order.iter().copied().find(|tier| match tier {
+            Tier::Node => self.same_node(endpoint),
+            Tier::Zone => self.same_zone(endpoint),
+            Tier::Any => true,
+        })
+    }
+}
+
+/// Live load on one endpoint, shared by every call that uses it.
+#[derive(Debug, Default)]
+pub struct EndpointLoad {
+    in_flight: AtomicUsize,
+}
+
+impl EndpointLoad {
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+}
+
+/// Counts a call against its endpoint until dropped (when the response body ends).
+#[derive(Debug)]
+pub struct InFlight(Arc<EndpointLoad>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[derive(Debug)]
+pub struct RankedEndpoint {
+    pub endpoint: Endpoint,
+    pub tier: Tier,
+    pub load: Arc<EndpointLoad>,
+}
+
+impl RankedEndpoint {
+    pub fn start_call(&self) -> InFlight {
+        self.load.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(self.load.clone())
+    }
+}
+
+/// An upstream's endpoints grouped by tier, best tier first.
+#[derive(Debug, Default)]
+pub struct Ranking {
+    pub tiers: Vec<(Tier, Vec<Arc<RankedEndpoint>>)>,
+    pub synced: bool,
+}
+
+impl Ranking {
+    pub fn endpoints(&self) -> impl Iterator<Item = &Arc<RankedEndpoint>> {
+        self.tiers.iter().flat_map(|(_, members)| members.iter())
+    }
+
+    /// Ranks `set`, keeping the load counters of endpoints that were already known so calls in
+    /// flight stay counted across endpoint changes.
+    pub fn rank(
+        set: &EndpointSet,
+        locality: &Locality,
+        order: &[Tier],
+        previous: &Ranking,
+    ) -> Ranking {
+        let known: HashMap<SocketAddr, &Arc<EndpointLoad>> = previous
+            .endpoints()
+            .map(|ranked| (ranked.endpoint.address, &ranked.load))
+            .collect();
+        let mut tiers: Vec<(Tier, Vec<Arc<RankedEndpoint>>)> =
+            order.iter().map(|tier| (*tier, Vec::new())).collect();
+        for endpoint in &set.endpoints {
+            let Some(tier) = locality.tier_of(endpoint, order) else {
+                continue;
+            };
+            let load = known
+                .get(&endpoint.address)
+                .map(|load| Arc::clone(load))
+                .unwrap_or_default();
+            if let Some((_, members)) = tiers.iter_mut().find(|(t, _)| *t == tier) {
+                members.push(Arc::new(RankedEndpoint {
+                    endpoint: endpoint.clone(),
+                    tier,
+                    load,
+                }));
+            }
+        }
+        Ranking {
+            tiers,
+            synced: set.synced,
+        }
+    }
+
+    /// The endpoint for the next attempt: the best tier that still has endpoints not in
+    /// `exclude`, and within it the less loaded of two random candidates.
+    pub fn pick(&self, exclude: &[SocketAddr]) -> Option<Arc<RankedEndpoint>> {
+        for (_, members) in &self.tiers {
+            let candidates: Vec<&Arc<RankedEndpoint>> = members
+                .iter()
+                .filter(|ranked| !exclude.contains(&ranked.endpoint.address))
+                .collect();
+            match candidates.len() {
+                0 => continue,
+                1 => return Some(candidates[0].clone()),
+                n => {
+                    let first = fastrand::usize(..n);
+                    let mut second = fastrand::usize(..n - 1);
+                    if second >= first {
+                        second += 1;
+                    }
+                    let (a, b) = (candidates[first], candidates[second]);
+                    let winner = if b.load.in_flight() < a.load.in_flight() {
+                        b
+                    } else {
+                        a
+                    };
+                    return Some(winner.clone());
+                }
+            }
+        }
+        None
+    }
+}
+
+pub type RankingWatch = watch::Receiver<Arc<Ranking>>;
+
+/// Keeps a ranking up to date with an endpoint source, re-ranking on every change.
+pub fn spawn_ranking(
+    mut source: EndpointWatch,
+    locality: Locality,
+    order: Vec<Tier>,
+) -> RankingWatch {
+    let initial = Ranking::rank(
+        &source.borrow_and_update(),
+        &locality,
+        &order,
+        &Ranking::default(),
+    );
+    let (sender, receiver) = watch::channel(Arc::new(initial));
+    tokio::spawn(async move {
+        while source.changed().await.is_ok() {
+            let set = source.borrow_and_update().clone();
+            let previous = sender.borrow().clone();
+            let next = Ranking::rank(&set, &locality, &order, &previous);
+            if sender.send(Arc::new(next)).is_err() {
+                break;
+            }
+        }
+    });
+    receiver
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn endpoint(port: u16, node: &str, zone: &str) -> Endpoint {
+        Endpoint {
+            address: SocketAddr::from(([127, 0, 0, 1], port)),
+            pod: format!("pod-{port}"),
+            node: Some(node.to_string()),
+            zone: Some(zone.to_string()),
+            host_ip: None,
+        }
+    }
+
+    fn here() -> Locality {
+        Locality {
+            node_name: Some("a".to_string()),
+            host_ip: None,
+            zone: Some("z1".to_string()),
+        }
+    }
+
+    fn set() -> EndpointSet {
+        EndpointSet {
+            endpoints: vec![
+                endpoint(1, "a", "z1"),
+                endpoint(2, "b", "z1"),
+                endpoint(3, "c", "z2"),
+                endpoint(4, "c", "z2"),
+            ],
+            synced: true,
+        }
+    }
+
+    const ALL: [Tier; 3] = [Tier::Node, Tier::Zone, Tier::Any];
+
+    #[test]
+    fn same_node_first_then_zone_then_any() {
+        let ranking = Ranking::rank(&set(), &here(), &ALL, &Ranking::default());
+        let port = |exclude: &[u16]| {
+            let exclude: Vec<SocketAddr> = exclude
+                .iter()
+                .map(|p| SocketAddr::from(([127, 0, 0, 1], *p)))
+                .collect();
+            ranking.pick(&exclude).map(|r| r.endpoint.address.port())
+        };
+        assert_eq!(port(&[]), Some(1));
+        assert_eq!(port(&[1]), Some(2));
+        assert!(matches!(port(&[1, 2]), Some(3) | Some(4)));
+        assert_eq!(port(&[1, 2, 3, 4]), None);
+    }
+
+    #[test]
+    fn host_ip_decides_over_node_name() {
+        let mut ours = here();
+        ours.host_ip = Some("10.0.0.9".parse().unwrap());
+        let mut set = set();
+        set.endpoints[1].host_ip = Some("10.0.0.9".parse().unwrap());
+        set.endpoints[0].host_ip = Some("10.0.0.1".parse().unwrap());
+        let ranking = Ranking::rank(&set, &ours, &ALL, &Ranking::default());
+        assert_eq!(ranking.pick(&[]).unwrap().endpoint.address.port(), 2);
+    }
+
+    #[test]
+    fn tiers_not_configured_are_never_used() {
+        let ranking = Ranking::rank(&set(), &here(), &[Tier::Node], &Ranking::default());
+        let exclude = [SocketAddr::from(([127, 0, 0, 1], 1))];
+        assert!(ranking.pick(&exclude).is_none());
+    }
+
+    #[test]
+    fn two_choices_avoid_the_loaded_endpoint() {
+        let mut set = set();
+        set.endpoints.truncate(2);
+        for e in &mut set.endpoints {
+            e.node = Some("x".to_string());
+        }
+        let ranking = Ranking::rank(&set, &here(), &ALL, &Ranking::default());
+        let busy = ranking
+            .endpoints()
+            .find(|r| r.endpoint.address.port() == 1)
+            .unwrap();
+        let _held: Vec<InFlight> = (0..10).map(|_| busy.start_call()).collect();
+        for _ in 0..100 {
+            assert_eq!(ranking.pick(&[]).unwrap().endpoint.address.port(), 2);
+        }
+    }
+
+    #[test]
+    fn load_counters_survive_a_re_rank() {
+        let first = Ranking::rank(&set(), &here(), &ALL, &Ranking::default());
+        let held = first.pick(&[]).unwrap().start_call();
+        let second = Ranking::rank(&set(), &here(), &ALL, &first);
+        assert_eq!(second.pick(&[]).unwrap().load.in_flight(), 1);
+        drop(held);
+        assert_eq!(second.pick(&[]).unwrap().load.in_flight(), 0);
+    }
+}

@@ -1,0 +1,206 @@
+//! Start-up and shutdown: validates everything and binds every socket before serving anything
+//! (so a bad certificate or a port in use is one error and nothing half-started), then runs the
+//! outbound listeners, the inbound QUIC listener and the admin listener until told to stop.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+
+use crate::admin::AdminState;
+use crate::config::Config;
+use crate::endpoints;
+use crate::inbound::AppClient;
+use crate::outbound::Upstream;
+use crate::pick::{spawn_ranking, Locality};
+use crate::tls::{TlsError, TlsMaterial};
+use crate::transport::{self, ConnectionPool, TransportError};
+
+/// How long open calls may run on after a shutdown signal.
+const DRAIN: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("{field} {address}: {source}")]
+    Bind {
+        field: String,
+        address: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("{field}: {source}")]
+    Transport {
+        field: String,
+        source: TransportError,
+    },
+    #[error("{field}: {message}")]
+    Unsupported { field: String, message: String },
+}
+
+/// Addresses the running sidecar actually bound (port 0 in the config becomes a real port).
+#[derive(Debug, Clone)]
+pub struct Bound {
+    pub outbound: Vec<SocketAddr>,
+    pub inbound: Option<SocketAddr>,
+    pub admin: SocketAddr,
+}
+
+pub struct Running {
+    pub bound: Bound,
+    shutdown: tokio::sync::watch::Sender<bool>,
+    admin: Arc<AdminState>,
+    pool: Option<Arc<ConnectionPool>>,
+    inbound: Option<quinn::Endpoint>,
+    outbound_tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+async fn bind_tcp(field: String, address: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(address)
+        .await
+        .map_err(|source| StartError::Bind {
+            field,
+            address,
+            source,
+        })
+}
+
+/// Binds and starts everything the config describes.
+pub async fn start(config: Config) -> Result<Running, StartError> {
+    let tls = match &config.tls {
+        Some(paths) => Some(TlsMaterial::load(paths)?),
+        None => None,
+    };
+    let locality = Locality::from_env();
+
+    // Bind every socket before serving anything.
+    let mut outbound_listeners = Vec::new();
+    for (index, outbound) in config.outbound.iter().enumerate() {
+        outbound_listeners
+            .push(bind_tcp(format!("outbound[{index}].listen"), outbound.listen).await?);
+    }
+    let admin_listener = bind_tcp("admin.listen".to_string(), config.admin.listen).await?;
+    let inbound = match (&config.inbound, &tls) {
+        (Some(inbound), Some(tls)) => {
+            let mut server = quinn::ServerConfig::with_crypto(Arc::new(tls.quic_server_config()?));
+            server.transport_config(transport::transport_config());
+            let endpoint = transport::endpoint(inbound.listen, Some(server)).map_err(|source| {
+                StartError::Transport {
+                    field: "inbound.listen".to_string(),
+                    source,
+                }
+            })?;
+            Some((endpoint, inbound.forward))
+        }
+        _ => None,
+    };
+
+    let pool = match &tls {
+        Some(tls) if !config.outbound.is_empty() => {
+            Some(Arc::new(ConnectionPool::new(tls.quic_client_config()?)))
+        }
+        _ => None,
+    };
+    let mut upstreams = Vec::new();
+    for (index, outbound) in config.outbound.iter().enumerate() {
+        let source = match (&outbound.endpoints, &outbound.service) {
+            (Some(list), _) => endpoints::static_endpoints(list),
+            (None, _) => return Err(StartError::Unsupported {
+                field: format!("outbound[{index}].service"),
+                message:
+                    "Kubernetes discovery is not available in this build; list `endpoints` instead"
+                        .to_string(),
+            }),
+        };
+        let Some(pool) = pool.clone() else {
+            return Err(StartError::Unsupported {
+                field: "tls".to_string(),
+                message: "outbound upstreams need TLS".to_string(),
+            });
+        };
+        upstreams.push(Arc::new(Upstream {
+            name: outbound.upstream_name().into(),
+            server_name: outbound.server_name().into(),
+            ranking: spawn_ranking(source, locality.clone(), config.locality.tiers.clone()),
+            pool,
+        }));
+    }
+
+    let (shutdown, shutdown_watch) = tokio::sync::watch::channel(false);
+    let mut bound = Bound {
+        outbound: Vec::new(),
+        inbound: None,
+        admin: admin_listener
+            .local_addr()
+            .map_err(|source| StartError::Bind {
+                field: "admin.listen".to_string(),
+                address: config.admin.listen,
+                source,
+            })?,
+    };
+    let mut outbound_tasks = Vec::new();
+    for (listener, upstream) in outbound_listeners.into_iter().zip(&upstreams) {
+        if let Ok(address) = listener.local_addr() {
+            bound.outbound.push(address);
+            tracing::info!(upstream = %upstream.name, %address, "outbound listener serving");
+        }
+        outbound_tasks.push(tokio::spawn(crate::outbound::serve(
+            listener,
+            upstream.clone(),
+            shutdown_watch.clone(),
+            DRAIN,
+        )));
+    }
+    let inbound_endpoint = match inbound {
+        Some((endpoint, forward)) => {
+            bound.inbound = endpoint.local_addr().ok();
+            tracing::info!(listen = ?bound.inbound, %forward, "inbound QUIC listener serving");
+            tokio::spawn(crate::inbound::serve(
+                endpoint.clone(),
+                Arc::new(AppClient::new(forward)),
+            ));
+            Some(endpoint)
+        }
+        None => None,
+    };
+    let admin = Arc::new(AdminState {
+        started: Default::default(),
+        draining: Default::default(),
+        upstreams: upstreams
+            .iter()
+            .map(|u| (u.name.clone(), u.ranking.clone()))
+            .collect(),
+    });
+    tokio::spawn(crate::admin::serve(admin_listener, admin.clone()));
+    admin.started.store(true, Ordering::Release);
+    tracing::info!(admin = %bound.admin, "sidecar started");
+    Ok(Running {
+        bound,
+        shutdown,
+        admin,
+        pool,
+        inbound: inbound_endpoint,
+        outbound_tasks,
+    })
+}
+
+impl Running {
+    /// Stops taking new calls, lets open ones finish (bounded), then closes QUIC connections so
+    /// peers see a clean close rather than an idle timeout.
+    pub async fn shutdown(self) {
+        self.admin.draining.store(true, Ordering::Release);
+        let _ = self.shutdown.send(true);
+        for task in self.outbound_tasks {
+            let _ = task.await;
+        }
+        if let Some(endpoint) = &self.inbound {
+            endpoint.close(quinn::VarInt::from_u32(0x100), b"shutdown");
+            let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+        }
+        if let Some(pool) = &self.pool {
+            pool.close_all();
+        }
+    }
+}

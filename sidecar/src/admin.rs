@@ -56,6 +56,7 @@ async fn route(
     }
     Ok(match request.uri().path() {
         "/live" => text(StatusCode::OK, "live\n".to_string()),
+        "/endpoints" => json(StatusCode::OK, endpoints_view(&state)),
         "/ready" => match state.not_ready_reason() {
             None => text(StatusCode::OK, "ready\n".to_string()),
             Some(reason) => text(
@@ -68,6 +69,43 @@ async fn route(
             "not found; try /live or /ready\n".to_string(),
         ),
     })
+}
+
+/// Per upstream, its endpoints in the order they are tried: best tier first.
+fn endpoints_view(state: &AdminState) -> serde_json::Value {
+    let upstreams: Vec<serde_json::Value> = state
+        .upstreams
+        .iter()
+        .map(|(name, ranking)| {
+            let ranking = ranking.borrow().clone();
+            let endpoints: Vec<serde_json::Value> = ranking
+                .endpoints()
+                .map(|ranked| {
+                    let endpoint = &ranked.endpoint;
+                    serde_json::json!({
+                        "pod": endpoint.pod,
+                        "address": endpoint.address.to_string(),
+                        "node": endpoint.node,
+                        "zone": endpoint.zone,
+                        "hostIP": endpoint.host_ip.map(|ip| ip.to_string()),
+                        "tier": ranked.tier.as_str(),
+                        "inFlight": ranked.load.in_flight(),
+                    })
+                })
+                .collect();
+            serde_json::json!({"upstream": &**name, "synced": ranking.synced, "endpoints": endpoints})
+        })
+        .collect();
+    serde_json::json!({ "upstreams": upstreams })
+}
+
+fn json(status: StatusCode, value: serde_json::Value) -> Response<Full<Bytes>> {
+    let mut response = text(status, format!("{value:#}\n"));
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    response
 }
 
 pub async fn serve(listener: tokio::net::TcpListener, state: Arc<AdminState>) {

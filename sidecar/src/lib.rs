@@ -10,6 +10,7 @@ pub mod admin;
 pub mod body;
 pub mod certs;
 pub mod config;
+pub mod discovery;
 pub mod endpoints;
 pub mod grpc;
 pub mod h2_settings;

@@ -7,6 +7,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use locality_sidecar::certs::{write_dev_certs, CertRequest};
 use locality_sidecar::config::Config;
+use locality_sidecar::sidecar::StartOptions;
 
 #[derive(Parser)]
 #[command(
@@ -32,6 +33,9 @@ enum Command {
         /// The config file (YAML or JSON).
         #[arg(long, env = "LOCALITY_SIDECAR_CONFIG")]
         config: PathBuf,
+        /// Kubeconfig for discovery (default: KUBECONFIG, then the in-cluster service account).
+        #[arg(long, env = "LOCALITY_SIDECAR_KUBECONFIG")]
+        kubeconfig: Option<PathBuf>,
         /// Log format; the level comes from RUST_LOG (default info).
         #[arg(
             long,
@@ -96,7 +100,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Run { config, log_format } => {
+        Command::Run {
+            config,
+            kubeconfig,
+            log_format,
+        } => {
             init_logging(log_format);
             let config = Config::load(&config)?;
             locality_sidecar::tls::install_crypto_provider();
@@ -105,7 +113,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .build()
                 .context("cannot start the async runtime")?;
             runtime.block_on(async move {
-                let running = locality_sidecar::sidecar::start(config).await?;
+                let running =
+                    locality_sidecar::sidecar::start(config, StartOptions { kubeconfig }).await?;
                 wait_for_signal().await?;
                 tracing::info!("shutdown signal received; draining");
                 running.shutdown().await;

@@ -171,25 +171,37 @@ impl Ranking {
 
 pub type RankingWatch = watch::Receiver<Arc<Ranking>>;
 
-/// Keeps a ranking up to date with an endpoint source, re-ranking on every change.
+/// Where this sidecar is, as it becomes known (the zone arrives with the Node watch).
+pub type LocalityWatch = watch::Receiver<Locality>;
+
+/// Keeps a ranking up to date with an endpoint source and our own locality, re-ranking on every
+/// change of either.
 pub fn spawn_ranking(
     mut source: EndpointWatch,
-    locality: Locality,
+    mut locality: LocalityWatch,
     order: Vec<Tier>,
 ) -> RankingWatch {
     let initial = Ranking::rank(
         &source.borrow_and_update(),
-        &locality,
+        &locality.borrow_and_update(),
         &order,
         &Ranking::default(),
     );
     let (sender, receiver) = watch::channel(Arc::new(initial));
     tokio::spawn(async move {
-        while source.changed().await.is_ok() {
+        let mut locality_open = true;
+        loop {
+            tokio::select! {
+                changed = source.changed() => if changed.is_err() { break },
+                changed = locality.changed(), if locality_open => locality_open = changed.is_ok(),
+            }
             let set = source.borrow_and_update().clone();
+            let here = locality.borrow_and_update().clone();
             let previous = sender.borrow().clone();
-            let next = Ranking::rank(&set, &locality, &order, &previous);
-            if sender.send(Arc::new(next)).is_err() {
+            if sender
+                .send(Arc::new(Ranking::rank(&set, &here, &order, &previous)))
+                .is_err()
+            {
                 break;
             }
         }

@@ -11,10 +11,11 @@ use tokio::net::TcpListener;
 
 use crate::admin::AdminState;
 use crate::config::Config;
+use crate::discovery::{self, DiscoveryError, ServiceRef};
 use crate::endpoints;
 use crate::inbound::AppClient;
 use crate::outbound::Upstream;
-use crate::pick::{spawn_ranking, Locality};
+use crate::pick::{spawn_ranking, Locality, LocalityWatch};
 use crate::tls::{TlsError, TlsMaterial};
 use crate::transport::{self, ConnectionPool, TransportError};
 
@@ -38,6 +39,15 @@ pub enum StartError {
     },
     #[error("{field}: {message}")]
     Unsupported { field: String, message: String },
+    #[error("Kubernetes discovery: {0}")]
+    Discovery(#[from] DiscoveryError),
+}
+
+/// Start-up settings that come from the command line rather than the config file.
+#[derive(Debug, Clone, Default)]
+pub struct StartOptions {
+    /// Kubeconfig for discovery; `None` means `KUBECONFIG` or the in-cluster service account.
+    pub kubeconfig: Option<std::path::PathBuf>,
 }
 
 /// Addresses the running sidecar actually bound (port 0 in the config becomes a real port).
@@ -68,12 +78,12 @@ async fn bind_tcp(field: String, address: SocketAddr) -> Result<TcpListener, Sta
 }
 
 /// Binds and starts everything the config describes.
-pub async fn start(config: Config) -> Result<Running, StartError> {
+pub async fn start(config: Config, options: StartOptions) -> Result<Running, StartError> {
     let tls = match &config.tls {
         Some(paths) => Some(TlsMaterial::load(paths)?),
         None => None,
     };
-    let locality = Locality::from_env();
+    let here = Locality::from_env();
 
     // Bind every socket before serving anything.
     let mut outbound_listeners = Vec::new();
@@ -103,16 +113,34 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         }
         _ => None,
     };
+    let kube = if config
+        .outbound
+        .iter()
+        .any(|outbound| outbound.service.is_some())
+    {
+        Some(discovery::client(options.kubeconfig.as_deref()).await?)
+    } else {
+        None
+    };
+    let locality = locality_watch(here, kube.clone());
     let mut upstreams = Vec::new();
-    for (index, outbound) in config.outbound.iter().enumerate() {
-        let source = match (&outbound.endpoints, &outbound.service) {
-            (Some(list), _) => endpoints::static_endpoints(list),
-            (None, _) => return Err(StartError::Unsupported {
-                field: format!("outbound[{index}].service"),
-                message:
-                    "Kubernetes discovery is not available in this build; list `endpoints` instead"
-                        .to_string(),
-            }),
+    for outbound in &config.outbound {
+        let source = match (&outbound.endpoints, &outbound.service, &kube) {
+            (Some(list), _, _) => endpoints::static_endpoints(list),
+            (None, Some(service), Some(client)) => {
+                let namespace = std::env::var("POD_NAMESPACE")
+                    .ok()
+                    .filter(|ns| !ns.is_empty())
+                    .unwrap_or_else(|| client.default_namespace().to_string());
+                discovery::watch_service(
+                    client.clone(),
+                    ServiceRef::parse(service, &namespace),
+                    zones_of(&locality),
+                )
+            }
+            // Validation guarantees one of `endpoints` and `service`, and a client exists
+            // whenever a service is named.
+            _ => continue,
         };
         let Some(pool) = pool.clone() else {
             return Err(StartError::Unsupported {
@@ -123,7 +151,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         upstreams.push(Arc::new(Upstream {
             name: outbound.upstream_name().into(),
             server_name: outbound.server_name().into(),
-            ranking: spawn_ranking(source, locality.clone(), config.locality.tiers.clone()),
+            ranking: spawn_ranking(source, locality.0.clone(), config.locality.tiers.clone()),
             pool,
         }));
     }
@@ -184,6 +212,41 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         inbound: inbound_endpoint,
         outbound_tasks,
     })
+}
+
+/// Our locality, and the node zones it was derived from. Without Kubernetes both are fixed; with
+/// it the zone of our node arrives from the Node watch (unless `ZONE` is set explicitly).
+type LocalityParts = (LocalityWatch, Option<discovery::NodeZones>);
+
+fn locality_watch(here: Locality, kube: Option<kube::Client>) -> LocalityParts {
+    let Some(client) = kube else {
+        return (tokio::sync::watch::channel(here).1, None);
+    };
+    let zones = discovery::watch_node_zones(client);
+    let (sender, receiver) = tokio::sync::watch::channel(here.clone());
+    let mut updates = zones.clone();
+    tokio::spawn(async move {
+        while updates.changed().await.is_ok() {
+            let zone = match (&here.zone, &here.node_name) {
+                (Some(explicit), _) => Some(explicit.clone()),
+                (None, Some(node)) => updates.borrow().get(node).cloned(),
+                (None, None) => None,
+            };
+            sender.send_if_modified(|current| {
+                let changed = current.zone != zone;
+                current.zone = zone;
+                changed
+            });
+        }
+    });
+    (receiver, Some(zones))
+}
+
+fn zones_of(locality: &LocalityParts) -> discovery::NodeZones {
+    match &locality.1 {
+        Some(zones) => zones.clone(),
+        None => tokio::sync::watch::channel(Default::default()).1,
+    }
 }
 
 impl Running {

@@ -126,13 +126,16 @@ impl Slot {
     }
 }
 
+/// A peer address and the certificate name it must present.
+type SlotKey = (SocketAddr, Arc<str>);
+
 /// Outbound QUIC connections, one per (address, server name).
 pub struct ConnectionPool {
     client_config: quinn::ClientConfig,
     /// Client endpoints per address family, created on first use.
     v4: OnceLock<quinn::Endpoint>,
     v6: OnceLock<quinn::Endpoint>,
-    slots: Mutex<HashMap<(SocketAddr, Arc<str>), Arc<Slot>>>,
+    slots: Mutex<HashMap<SlotKey, Arc<Slot>>>,
 }
 
 impl ConnectionPool {

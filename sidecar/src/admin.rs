@@ -57,6 +57,15 @@ async fn route(
     Ok(match request.uri().path() {
         "/live" => text(StatusCode::OK, "live\n".to_string()),
         "/endpoints" => json(StatusCode::OK, endpoints_view(&state)),
+        "/metrics" => {
+            refresh_gauges(&state);
+            let mut response = text(StatusCode::OK, crate::metrics::metrics().encode());
+            response.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            response
+        }
         "/ready" => match state.not_ready_reason() {
             None => text(StatusCode::OK, "ready\n".to_string()),
             Some(reason) => text(
@@ -69,6 +78,28 @@ async fn route(
             "not found; try /live or /ready\n".to_string(),
         ),
     })
+}
+
+/// Gauges that describe current state are computed at scrape time: ejections end by
+/// themselves and endpoint counts follow discovery, so a value set at event time would go stale.
+fn refresh_gauges(state: &AdminState) {
+    let metrics = crate::metrics::metrics();
+    for (name, ranking) in &state.upstreams {
+        let ranking = ranking.borrow().clone();
+        metrics
+            .ejected_endpoints
+            .get_or_create(&crate::metrics::upstream(name))
+            .set(ranking.ejected() as i64);
+        for (tier, members) in &ranking.tiers {
+            metrics
+                .endpoints
+                .get_or_create(&crate::metrics::TierLabels {
+                    upstream: name.to_string(),
+                    tier: tier.as_str(),
+                })
+                .set(members.len() as i64);
+        }
+    }
 }
 
 /// Per upstream, its endpoints in the order they are tried: best tier first.
@@ -90,6 +121,7 @@ fn endpoints_view(state: &AdminState) -> serde_json::Value {
                         "hostIP": endpoint.host_ip.map(|ip| ip.to_string()),
                         "tier": ranked.tier.as_str(),
                         "inFlight": ranked.load.in_flight(),
+                        "ejected": ranked.load.is_ejected(),
                     })
                 })
                 .collect();

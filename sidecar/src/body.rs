@@ -264,7 +264,7 @@ where
 }
 
 /// The HTTP/3 reset code for a failed HTTP/2 body: the HTTP/2 reason when the error carries one.
-fn h3_code_for_body_error(error: &(dyn std::error::Error + 'static)) -> H3Code {
+pub fn h3_code_for_body_error(error: &(dyn std::error::Error + 'static)) -> H3Code {
     let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
     while let Some(err) = cause {
         if let Some(h2_error) = err.downcast_ref::<h2::Error>() {

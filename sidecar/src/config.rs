@@ -6,8 +6,11 @@
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
+
+use crate::policy::ServiceConfig;
 
 /// Every way a configuration can be wrong. Messages name the field path.
 #[derive(Debug, thiserror::Error)]
@@ -46,8 +49,47 @@ pub struct Config {
     pub admin: AdminConfig,
     #[serde(default)]
     pub locality: LocalityConfig,
-    /// gRPC service config (gRFC A6). Kept verbatim here; the retry layer interprets it.
+    /// gRPC service config (gRFC A6), as written; parsed into `policy` by validation.
     pub service_config: Option<serde_json::Value>,
+    #[serde(default)]
+    pub outlier_detection: OutlierDetection,
+    /// The parsed `serviceConfig` (empty when absent: no timeout, no retries).
+    #[serde(skip)]
+    pub policy: ServiceConfig,
+}
+
+/// When an endpoint is taken out of rotation for failing, and for how long.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct OutlierDetection {
+    /// Connection failures or UNAVAILABLE answers in a row that eject an endpoint.
+    pub consecutive_failures: u32,
+    /// The first ejection's length; each further ejection of the same endpoint adds as much.
+    #[serde(deserialize_with = "duration_string")]
+    pub base_ejection_time: Duration,
+    #[serde(deserialize_with = "duration_string")]
+    pub max_ejection_time: Duration,
+    /// Never eject more than this share of an upstream's endpoints at once.
+    pub max_ejection_percent: u32,
+}
+
+impl Default for OutlierDetection {
+    fn default() -> Self {
+        OutlierDetection {
+            consecutive_failures: 5,
+            base_ejection_time: Duration::from_secs(10),
+            max_ejection_time: Duration::from_secs(120),
+            max_ejection_percent: 50,
+        }
+    }
+}
+
+fn duration_string<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Duration, D::Error> {
+    let value = serde_json::Value::deserialize(deserializer)?;
+    crate::policy::parse_duration(&value, "duration")
+        .map_err(|e| serde::de::Error::custom(e.message))
 }
 
 /// One upstream: a loopback h2c listener and where its calls go.
@@ -172,7 +214,7 @@ impl Config {
     pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
         // YAML is a superset of JSON, so one parser takes both.
         let deserializer = serde_yaml_ng::Deserializer::from_str(text);
-        let config: Config = serde_path_to_error::deserialize(deserializer).map_err(|err| {
+        let mut config: Config = serde_path_to_error::deserialize(deserializer).map_err(|err| {
             let field = err.path().to_string();
             ConfigError::Parse {
                 path: origin.to_string(),
@@ -188,12 +230,35 @@ impl Config {
         Ok(config)
     }
 
-    fn validate(&self, origin: &str) -> Result<(), ConfigError> {
+    fn validate(&mut self, origin: &str) -> Result<(), ConfigError> {
         let invalid = |field: String, message: String| ConfigError::Invalid {
             path: origin.to_string(),
             field,
             message,
         };
+        if let Some(raw) = &self.service_config {
+            self.policy = ServiceConfig::parse(raw, "serviceConfig")
+                .map_err(|e| invalid(e.field, e.message))?;
+        }
+        let outlier = &self.outlier_detection;
+        if outlier.consecutive_failures == 0 {
+            return Err(invalid(
+                "outlierDetection.consecutiveFailures".to_string(),
+                "expected at least 1".to_string(),
+            ));
+        }
+        if outlier.max_ejection_percent > 100 {
+            return Err(invalid(
+                "outlierDetection.maxEjectionPercent".to_string(),
+                format!("expected 0 to 100, found {}", outlier.max_ejection_percent),
+            ));
+        }
+        if outlier.max_ejection_time < outlier.base_ejection_time {
+            return Err(invalid(
+                "outlierDetection.maxEjectionTime".to_string(),
+                "expected at least baseEjectionTime".to_string(),
+            ));
+        }
         let mut listens = HashSet::new();
         for (index, outbound) in self.outbound.iter().enumerate() {
             let at = format!("outbound[{index}]");
@@ -320,6 +385,30 @@ locality: {tiers: [node, zone, any]}
         assert_eq!(config.outbound[0].upstream_name(), "echo");
         assert_eq!(config.outbound[0].server_name(), DEFAULT_SERVER_NAME);
         assert_eq!(config.inbound.unwrap().forward.port(), 50051);
+    }
+
+    #[test]
+    fn service_config_errors_carry_the_full_field_path() {
+        let text = format!(
+            "{GOOD}serviceConfig:\n  methodConfig:\n    - name: [{{service: echo.Echo}}]\n      retryPolicy: {{maxAttempts: 1, initialBackoff: 0.1s, maxBackoff: 1s, backoffMultiplier: 2, retryableStatusCodes: [UNAVAILABLE]}}\n"
+        );
+        let err = error_of(&text);
+        assert!(
+            err.contains("serviceConfig.methodConfig[0].retryPolicy.maxAttempts"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn outlier_durations_parse() {
+        let text = format!("{GOOD}outlierDetection: {{consecutiveFailures: 3, baseEjectionTime: 0.5s, maxEjectionTime: 5s, maxEjectionPercent: 30}}\n");
+        let config = Config::parse(&text, "t").unwrap();
+        assert_eq!(
+            config.outlier_detection.base_ejection_time,
+            Duration::from_millis(500)
+        );
+        let err = error_of(&text.replace("0.5s", "soon"));
+        assert!(err.contains("outlierDetection.baseEjectionTime"), "{err}");
     }
 
     #[test]

@@ -14,6 +14,7 @@ use tokio::time::Instant;
 
 use crate::body::{pump_body, H3RecvBody, H3Send, PumpEnd};
 use crate::grpc::{self, Code};
+use crate::metrics::{metrics, StatusLabels};
 use crate::outbound::strip_hop_by_hop;
 
 type PeerRecv = h3::server::RequestStream<h3_quinn::RecvStream, Bytes>;
@@ -25,6 +26,8 @@ type AppSender = hyper::client::conn::http2::SendRequest<H3RecvBody<PeerRecv>>;
 pub struct AppError {
     address: SocketAddr,
     reason: String,
+    /// True when the call certainly never reached the app (no connection could be made).
+    not_sent: bool,
 }
 
 /// One multiplexed h2c connection to the local app, re-opened when it drops (app restart).
@@ -62,6 +65,7 @@ impl AppClient {
         let failed = |reason: String| AppError {
             address: self.address,
             reason,
+            not_sent: true,
         };
         let stream = tokio::net::TcpStream::connect(self.address)
             .await
@@ -95,6 +99,7 @@ impl AppClient {
         sender.send_request(request).await.map_err(|e| AppError {
             address: self.address,
             reason: e.to_string(),
+            not_sent: false,
         })
     }
 }
@@ -193,11 +198,38 @@ async fn handle_call(request: Request<()>, mut send: PeerSend, recv: PeerRecv, a
     let exchange = async {
         let response = match app.send(app_request).await {
             Ok(response) => response,
+            Err(AppError {
+                reason,
+                not_sent: true,
+                ..
+            }) => {
+                // The app never saw the call: H3_REQUEST_REJECTED tells the caller it is safe
+                // to retry elsewhere (gRFC G2), which its sidecar does transparently.
+                tracing::warn!(app = %app.address, %reason, "local app unreachable; call rejected");
+                metrics()
+                    .inbound_calls
+                    .get_or_create(&StatusLabels { status: "REJECTED" })
+                    .inc();
+                send.reset(H3Code::H3_REQUEST_REJECTED);
+                return;
+            }
             Err(error) => {
+                metrics()
+                    .inbound_calls
+                    .get_or_create(&StatusLabels {
+                        status: "UNAVAILABLE",
+                    })
+                    .inc();
                 send_status(&mut send, Code::Unavailable, &error.to_string()).await;
                 return;
             }
         };
+        metrics()
+            .inbound_calls
+            .get_or_create(&StatusLabels {
+                status: "FORWARDED",
+            })
+            .inc();
         let (parts, body) = response.into_parts();
         let trailers_only = body.is_end_stream();
         if let Err(error) = send.send_response(Response::from_parts(parts, ())).await {

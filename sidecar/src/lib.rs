@@ -7,6 +7,7 @@
 //! discovery) through ranking into pick.
 
 pub mod admin;
+pub mod attempt;
 pub mod body;
 pub mod certs;
 pub mod config;
@@ -15,8 +16,12 @@ pub mod endpoints;
 pub mod grpc;
 pub mod h2_settings;
 pub mod inbound;
+pub mod metrics;
 pub mod outbound;
 pub mod pick;
+pub mod policy;
+pub mod replay;
+pub mod retry;
 pub mod sidecar;
 pub mod tls;
 pub mod transport;

@@ -5,12 +5,13 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
-use crate::config::Tier;
+use crate::config::{OutlierDetection, Tier};
 use crate::endpoints::{Endpoint, EndpointSet, EndpointWatch};
 
 /// Where this sidecar runs, from the downward API.
@@ -54,15 +55,37 @@ impl Locality {
     }
 }
 
-/// Live load on one endpoint, shared by every call that uses it.
+/// Nanoseconds since the process's first look at the clock: lets ejection deadlines live in an
+/// atomic, so picking never takes a lock.
+fn now_nanos() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    let epoch = *EPOCH.get_or_init(Instant::now);
+    u64::try_from(epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// Live load and health of one endpoint, shared by every call that uses it.
 #[derive(Debug, Default)]
 pub struct EndpointLoad {
     in_flight: AtomicUsize,
+    consecutive_failures: AtomicU32,
+    /// How many times it has been ejected in a row (ejections grow with it).
+    ejections: AtomicU32,
+    /// `now_nanos()` until which it is ejected; 0 when it never was.
+    ejected_until: AtomicU64,
 }
 
 impl EndpointLoad {
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Relaxed)
+    }
+
+    pub fn is_ejected(&self) -> bool {
+        self.ejected_until.load(Ordering::Relaxed) > now_nanos()
+    }
+
+    /// The attempt got an answer from the app: the failure streak ends.
+    pub fn record_success(&self) {
+        self.consecutive_failures.store(0, Ordering::Relaxed);
     }
 }
 
@@ -138,13 +161,31 @@ impl Ranking {
         }
     }
 
-    /// The endpoint for the next attempt: the best tier that still has endpoints not in
-    /// `exclude`, and within it the less loaded of two random candidates.
+    /// The endpoint for an attempt: never one this call already tried while another remains,
+    /// and never an ejected one while a healthy one remains; the best tier first.
+    pub fn pick_for_attempt(&self, tried: &[SocketAddr]) -> Option<Arc<RankedEndpoint>> {
+        self.pick_among(tried, true)
+            .or_else(|| self.pick_among(tried, false))
+            .or_else(|| self.pick_among(&[], true))
+            .or_else(|| self.pick_among(&[], false))
+    }
+
+    /// The best tier that still has endpoints not in `exclude` (nor ejected, with
+    /// `skip_ejected`), and within it the less loaded of two random candidates.
     pub fn pick(&self, exclude: &[SocketAddr]) -> Option<Arc<RankedEndpoint>> {
+        self.pick_among(exclude, false)
+    }
+
+    fn pick_among(
+        &self,
+        exclude: &[SocketAddr],
+        skip_ejected: bool,
+    ) -> Option<Arc<RankedEndpoint>> {
         for (_, members) in &self.tiers {
             let candidates: Vec<&Arc<RankedEndpoint>> = members
                 .iter()
                 .filter(|ranked| !exclude.contains(&ranked.endpoint.address))
+                .filter(|ranked| !skip_ejected || !ranked.load.is_ejected())
                 .collect();
             match candidates.len() {
                 0 => continue,
@@ -169,34 +210,81 @@ impl Ranking {
     }
 }
 
+impl Ranking {
+    /// Endpoints currently ejected.
+    pub fn ejected(&self) -> usize {
+        self.endpoints()
+            .filter(|ranked| ranked.load.is_ejected())
+            .count()
+    }
+
+    /// Counts a connection failure or UNAVAILABLE answer against `endpoint`; ejects it when its
+    /// streak reaches the threshold, unless that would take out more than the allowed share.
+    /// Returns true when this call ejected it.
+    pub fn record_failure(&self, endpoint: &RankedEndpoint, policy: &OutlierDetection) -> bool {
+        let load = &endpoint.load;
+        let streak = load.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if streak < policy.consecutive_failures || load.is_ejected() {
+            return false;
+        }
+        let total = self.endpoints().count();
+        if (self.ejected() + 1) * 100 > total * policy.max_ejection_percent as usize {
+            return false;
+        }
+        let now = now_nanos();
+        // A long healthy stretch since the last ejection forgives the earlier ones.
+        let last_end = load.ejected_until.load(Ordering::Relaxed);
+        let forgiven = last_end != 0
+            && now.saturating_sub(last_end) > policy.max_ejection_time.as_nanos() as u64;
+        let count = if forgiven {
+            load.ejections.store(1, Ordering::Relaxed);
+            1
+        } else {
+            load.ejections.fetch_add(1, Ordering::Relaxed) + 1
+        };
+        let length = policy
+            .base_ejection_time
+            .saturating_mul(count)
+            .min(policy.max_ejection_time);
+        let length = u64::try_from(length.as_nanos()).unwrap_or(u64::MAX);
+        load.ejected_until
+            .store(now.saturating_add(length), Ordering::Relaxed);
+        load.consecutive_failures.store(0, Ordering::Relaxed);
+        tracing::warn!(pod = %endpoint.endpoint.pod, address = %endpoint.endpoint.address, seconds = Duration::from_nanos(length).as_secs_f64(), "endpoint ejected after repeated failures");
+        true
+    }
+}
+
 pub type RankingWatch = watch::Receiver<Arc<Ranking>>;
 
 /// Where this sidecar is, as it becomes known (the zone arrives with the Node watch).
 pub type LocalityWatch = watch::Receiver<Locality>;
 
-/// Keeps a ranking up to date with an endpoint source and our own locality, re-ranking on every
-/// change of either.
+/// Keeps a ranking up to date with an endpoint source, our own locality and the configured tier
+/// order (which live config may change), re-ranking on every change of any of them.
 pub fn spawn_ranking(
     mut source: EndpointWatch,
     mut locality: LocalityWatch,
-    order: Vec<Tier>,
+    mut tiers: watch::Receiver<Vec<Tier>>,
 ) -> RankingWatch {
     let initial = Ranking::rank(
         &source.borrow_and_update(),
         &locality.borrow_and_update(),
-        &order,
+        &tiers.borrow_and_update(),
         &Ranking::default(),
     );
     let (sender, receiver) = watch::channel(Arc::new(initial));
     tokio::spawn(async move {
-        let mut locality_open = true;
-        loop {
+        let (mut source_open, mut locality_open, mut tiers_open) = (true, true, true);
+        while source_open || locality_open || tiers_open {
             tokio::select! {
-                changed = source.changed() => if changed.is_err() { break },
+                changed = source.changed(), if source_open => source_open = changed.is_ok(),
                 changed = locality.changed(), if locality_open => locality_open = changed.is_ok(),
+                changed = tiers.changed(), if tiers_open => tiers_open = changed.is_ok(),
             }
             let set = source.borrow_and_update().clone();
             let here = locality.borrow_and_update().clone();
+            let order = tiers.borrow_and_update().clone();
             let previous = sender.borrow().clone();
             if sender
                 .send(Arc::new(Ranking::rank(&set, &here, &order, &previous)))
@@ -295,6 +383,49 @@ mod tests {
         for _ in 0..100 {
             assert_eq!(ranking.pick(&[]).unwrap().endpoint.address.port(), 2);
         }
+    }
+
+    #[test]
+    fn repeated_failures_eject_within_the_allowed_share() {
+        let ranking = Ranking::rank(&set(), &here(), &ALL, &Ranking::default());
+        let policy = OutlierDetection {
+            consecutive_failures: 2,
+            max_ejection_percent: 25,
+            ..OutlierDetection::default()
+        };
+        let first = ranking.pick(&[]).unwrap();
+        assert!(!ranking.record_failure(&first, &policy));
+        assert!(ranking.record_failure(&first, &policy));
+        assert!(first.load.is_ejected());
+        // The ejected same-node endpoint is skipped; the next tier answers.
+        assert_eq!(
+            ranking
+                .pick_for_attempt(&[])
+                .unwrap()
+                .endpoint
+                .address
+                .port(),
+            2
+        );
+        // A second ejection would exceed 25% of 4 endpoints.
+        let second = ranking.pick_for_attempt(&[]).unwrap();
+        assert!(!ranking.record_failure(&second, &policy));
+        assert!(!ranking.record_failure(&second, &policy));
+        assert_eq!(ranking.ejected(), 1);
+    }
+
+    #[test]
+    fn a_success_ends_the_failure_streak() {
+        let ranking = Ranking::rank(&set(), &here(), &ALL, &Ranking::default());
+        let policy = OutlierDetection {
+            consecutive_failures: 2,
+            ..OutlierDetection::default()
+        };
+        let first = ranking.pick(&[]).unwrap();
+        assert!(!ranking.record_failure(&first, &policy));
+        first.load.record_success();
+        assert!(!ranking.record_failure(&first, &policy));
+        assert!(!first.load.is_ejected());
     }
 
     #[test]

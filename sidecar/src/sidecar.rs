@@ -16,6 +16,9 @@ use crate::endpoints;
 use crate::inbound::AppClient;
 use crate::outbound::Upstream;
 use crate::pick::{spawn_ranking, Locality, LocalityWatch};
+use crate::policy::{LivePolicy, PolicyWatch};
+use crate::replay::{ReplayBudget, PER_PROCESS_LIMIT};
+use crate::retry::RetryThrottle;
 use crate::tls::{TlsError, TlsMaterial};
 use crate::transport::{self, ConnectionPool, TransportError};
 
@@ -60,6 +63,8 @@ pub struct Bound {
 
 pub struct Running {
     pub bound: Bound,
+    /// Publishes config changes that apply live (retry policy, outlier detection, tiers).
+    pub policy: tokio::sync::watch::Sender<Arc<LivePolicy>>,
     shutdown: tokio::sync::watch::Sender<bool>,
     admin: Arc<AdminState>,
     pool: Option<Arc<ConnectionPool>>,
@@ -123,6 +128,10 @@ pub async fn start(config: Config, options: StartOptions) -> Result<Running, Sta
         None
     };
     let locality = locality_watch(here, kube.clone());
+    let (policy_sender, policy) =
+        tokio::sync::watch::channel(Arc::new(LivePolicy::from_config(&config)));
+    let tiers = tiers_of(&policy);
+    let replay_budget = ReplayBudget::new(PER_PROCESS_LIMIT);
     let mut upstreams = Vec::new();
     for outbound in &config.outbound {
         let source = match (&outbound.endpoints, &outbound.service, &kube) {
@@ -151,8 +160,11 @@ pub async fn start(config: Config, options: StartOptions) -> Result<Running, Sta
         upstreams.push(Arc::new(Upstream {
             name: outbound.upstream_name().into(),
             server_name: outbound.server_name().into(),
-            ranking: spawn_ranking(source, locality.0.clone(), config.locality.tiers.clone()),
+            ranking: spawn_ranking(source, locality.0.clone(), tiers.clone()),
             pool,
+            policy: policy.clone(),
+            throttle: RetryThrottle::default(),
+            replay_budget: replay_budget.clone(),
         }));
     }
 
@@ -206,6 +218,7 @@ pub async fn start(config: Config, options: StartOptions) -> Result<Running, Sta
     tracing::info!(admin = %bound.admin, "sidecar started");
     Ok(Running {
         bound,
+        policy: policy_sender,
         shutdown,
         admin,
         pool,
@@ -240,6 +253,23 @@ fn locality_watch(here: Locality, kube: Option<kube::Client>) -> LocalityParts {
         }
     });
     (receiver, Some(zones))
+}
+
+/// The tier order as its own watch, so rankings re-rank when live config changes it.
+fn tiers_of(policy: &PolicyWatch) -> tokio::sync::watch::Receiver<Vec<crate::config::Tier>> {
+    let mut updates = policy.clone();
+    let (sender, receiver) = tokio::sync::watch::channel(updates.borrow_and_update().tiers.clone());
+    tokio::spawn(async move {
+        while updates.changed().await.is_ok() {
+            let tiers = updates.borrow_and_update().tiers.clone();
+            sender.send_if_modified(|current| {
+                let changed = *current != tiers;
+                *current = tiers;
+                changed
+            });
+        }
+    });
+    receiver
 }
 
 fn zones_of(locality: &LocalityParts) -> discovery::NodeZones {

@@ -1,0 +1,263 @@
+//! Prometheus metrics, served at the admin listener's `/metrics`. One process-wide registry:
+//! every component records into it through [`metrics()`] without threading handles around.
+//!
+//! Names follow Prometheus conventions: `locality_sidecar_` prefix, `_total` on counters, units
+//! in names (`_seconds`), and label values drawn from small fixed sets (status names, tiers) or
+//! from configuration (upstream names); method names are capped (see [`method_label`]).
+
+use std::collections::HashSet;
+use std::sync::{Mutex, OnceLock};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::{Registry, Unit};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CallLabels {
+    pub upstream: String,
+    pub method: String,
+    pub status: &'static str,
+    pub tier: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AttemptLabels {
+    pub upstream: String,
+    pub tier: &'static str,
+    pub status: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamLabels {
+    pub upstream: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TierLabels {
+    pub upstream: String,
+    pub tier: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabels {
+    /// `outbound` (we dialled) or `inbound` (a peer dialled us).
+    pub direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReloadLabels {
+    /// `file` or `configmap`.
+    pub source: &'static str,
+    /// `applied` or `rejected`.
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DiscoveryLabels {
+    pub upstream: String,
+    /// `applied`, `deleted`, `relisted` or `error`.
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StatusLabels {
+    pub status: &'static str,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    // 50 µs to ~26 s in doublings: loopback hops at the bottom, deadlines at the top.
+    Histogram::new(exponential_buckets(0.000_05, 2.0, 20))
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub calls: Family<CallLabels, Counter>,
+    pub attempts: Family<AttemptLabels, Counter>,
+    pub retries: Family<UpstreamLabels, Counter>,
+    pub fallthroughs: Family<TierLabels, Counter>,
+    pub transparent_retries: Family<UpstreamLabels, Counter>,
+    pub retries_throttled: Family<UpstreamLabels, Counter>,
+    pub ejections: Family<UpstreamLabels, Counter>,
+    pub ejected_endpoints: Family<UpstreamLabels, Gauge>,
+    pub quic_connections_opened: Family<DirectionLabels, Counter>,
+    pub quic_connections_lost: Family<DirectionLabels, Counter>,
+    pub call_duration: HistogramFamily<UpstreamLabels>,
+    pub attempt_duration: HistogramFamily<TierLabels>,
+    pub inbound_calls: Family<StatusLabels, Counter>,
+    pub config_reloads: Family<ReloadLabels, Counter>,
+    pub discovery_events: Family<DiscoveryLabels, Counter>,
+    pub discovery_last_event: Family<UpstreamLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    pub endpoints: Family<TierLabels, Gauge>,
+    seen_methods: Mutex<HashSet<String>>,
+}
+
+/// Distinct method label values kept before new ones are reported as `other`.
+const MAX_METHODS: usize = 500;
+
+impl Metrics {
+    fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("locality_sidecar");
+        let calls = Family::default();
+        registry.register(
+            "calls",
+            "Calls from the local app, by final status and the tier of the endpoint that answered",
+            calls.clone(),
+        );
+        let attempts = Family::default();
+        registry.register(
+            "attempts",
+            "Attempts sent to upstream endpoints (first tries, retries and transparent retries)",
+            attempts.clone(),
+        );
+        let retries = Family::default();
+        registry.register(
+            "retries",
+            "Retry attempts made under the retry policy",
+            retries.clone(),
+        );
+        let fallthroughs = Family::default();
+        registry.register("fallthroughs", "Retries that went to another node than the previous attempt, by the tier they landed in", fallthroughs.clone());
+        let transparent_retries = Family::default();
+        registry.register("transparent_retries", "Attempts repeated because the request never reached the upstream (not counted against maxAttempts)", transparent_retries.clone());
+        let retries_throttled = Family::default();
+        registry.register(
+            "retries_throttled",
+            "Retries not made because retry throttling had too few tokens",
+            retries_throttled.clone(),
+        );
+        let ejections = Family::default();
+        registry.register(
+            "ejections",
+            "Endpoints ejected by outlier detection",
+            ejections.clone(),
+        );
+        let ejected_endpoints = Family::default();
+        registry.register(
+            "ejected_endpoints",
+            "Endpoints currently ejected",
+            ejected_endpoints.clone(),
+        );
+        let quic_connections_opened = Family::default();
+        registry.register(
+            "quic_connections_opened",
+            "QUIC connections established",
+            quic_connections_opened.clone(),
+        );
+        let quic_connections_lost = Family::default();
+        registry.register(
+            "quic_connections_lost",
+            "QUIC connections that ended with an error (not a clean close)",
+            quic_connections_lost.clone(),
+        );
+        let call_duration: HistogramFamily<UpstreamLabels> =
+            Family::new_with_constructor(latency_histogram);
+        registry.register_with_unit(
+            "call_duration",
+            "Whole-call latency until response headers or status, all attempts included",
+            Unit::Seconds,
+            call_duration.clone(),
+        );
+        let attempt_duration: HistogramFamily<TierLabels> =
+            Family::new_with_constructor(latency_histogram);
+        registry.register_with_unit(
+            "attempt_duration",
+            "Per-attempt latency until response headers or status",
+            Unit::Seconds,
+            attempt_duration.clone(),
+        );
+        let inbound_calls = Family::default();
+        registry.register(
+            "inbound_calls",
+            "Calls from peer sidecars handed to the local app, by status the sidecar saw",
+            inbound_calls.clone(),
+        );
+        let config_reloads = Family::default();
+        registry.register(
+            "config_reloads",
+            "Config changes seen after start-up, applied or rejected",
+            config_reloads.clone(),
+        );
+        let discovery_events = Family::default();
+        registry.register(
+            "discovery_events",
+            "Kubernetes watch events that changed an upstream's endpoints",
+            discovery_events.clone(),
+        );
+        let discovery_last_event = Family::default();
+        registry.register(
+            "discovery_last_event_timestamp_seconds",
+            "Unix time of the last discovery event per upstream (staleness = now - this)",
+            discovery_last_event.clone(),
+        );
+        let endpoints = Family::default();
+        registry.register(
+            "endpoints",
+            "Ready endpoints per upstream and locality tier",
+            endpoints.clone(),
+        );
+        Metrics {
+            registry,
+            calls,
+            attempts,
+            retries,
+            fallthroughs,
+            transparent_retries,
+            retries_throttled,
+            ejections,
+            ejected_endpoints,
+            quic_connections_opened,
+            quic_connections_lost,
+            call_duration,
+            attempt_duration,
+            inbound_calls,
+            config_reloads,
+            discovery_events,
+            discovery_last_event,
+            endpoints,
+            seen_methods: Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// The text exposition format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    /// The `method` label for a call path: the path itself while the number of distinct methods
+    /// stays small, `other` beyond that, so a client sending random paths cannot blow up the
+    /// metric's cardinality.
+    pub fn method_label(&self, path: &str) -> String {
+        let mut seen = self
+            .seen_methods
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if seen.contains(path) {
+            return path.to_string();
+        }
+        if seen.len() < MAX_METHODS && path.len() <= 200 {
+            seen.insert(path.to_string());
+            return path.to_string();
+        }
+        "other".to_string()
+    }
+}
+
+/// The process-wide metrics.
+pub fn metrics() -> &'static Metrics {
+    static METRICS: OnceLock<Metrics> = OnceLock::new();
+    METRICS.get_or_init(Metrics::new)
+}
+
+pub fn upstream(name: &str) -> UpstreamLabels {
+    UpstreamLabels {
+        upstream: name.to_string(),
+    }
+}

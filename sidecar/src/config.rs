@@ -35,7 +35,7 @@ pub enum ConfigError {
 }
 
 /// The whole configuration file. Every section is optional.
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, Deserialize, Default, PartialEq)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Config {
     /// Listeners the local app dials, one per upstream.
@@ -93,7 +93,7 @@ fn duration_string<'de, D: serde::Deserializer<'de>>(
 }
 
 /// One upstream: a loopback h2c listener and where its calls go.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct OutboundConfig {
     pub listen: SocketAddr,
@@ -108,7 +108,7 @@ pub struct OutboundConfig {
 }
 
 /// An upstream sidecar's QUIC address with its place in the topology.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct StaticEndpoint {
     pub address: SocketAddr,
@@ -118,7 +118,7 @@ pub struct StaticEndpoint {
     pub pod: Option<String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct InboundConfig {
     /// UDP address of the QUIC/HTTP/3 listener.
@@ -127,7 +127,7 @@ pub struct InboundConfig {
     pub forward: SocketAddr,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct TlsPaths {
     pub ca: PathBuf,
@@ -135,7 +135,7 @@ pub struct TlsPaths {
     pub key: PathBuf,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct AdminConfig {
     pub listen: SocketAddr,
@@ -168,7 +168,7 @@ impl Tier {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct LocalityConfig {
     pub tiers: Vec<Tier>,
@@ -201,6 +201,25 @@ impl OutboundConfig {
 }
 
 impl Config {
+    /// The sections that only take effect at start-up (sockets, certificates, upstream list),
+    /// named when `other` differs from `self` in them.
+    pub fn restart_needed(&self, other: &Config) -> Vec<&'static str> {
+        let mut sections = Vec::new();
+        if self.outbound != other.outbound {
+            sections.push("outbound");
+        }
+        if self.inbound != other.inbound {
+            sections.push("inbound");
+        }
+        if self.tls != other.tls {
+            sections.push("tls");
+        }
+        if self.admin != other.admin {
+            sections.push("admin");
+        }
+        sections
+    }
+
     /// Reads, parses and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {

@@ -33,6 +33,9 @@ enum Command {
         /// The config file (YAML or JSON).
         #[arg(long, env = "LOCALITY_SIDECAR_CONFIG")]
         config: PathBuf,
+        /// Also watch this ConfigMap's `config.yaml` (in POD_NAMESPACE) and apply changes live.
+        #[arg(long, env = "LOCALITY_SIDECAR_CONFIGMAP")]
+        configmap: Option<String>,
         /// Kubeconfig for discovery (default: KUBECONFIG, then the in-cluster service account).
         #[arg(long, env = "LOCALITY_SIDECAR_KUBECONFIG")]
         kubeconfig: Option<PathBuf>,
@@ -102,19 +105,28 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Run {
             config,
+            configmap,
             kubeconfig,
             log_format,
         } => {
             init_logging(log_format);
-            let config = Config::load(&config)?;
+            let config_path = config;
+            let config = Config::load(&config_path)?;
             locality_sidecar::tls::install_crypto_provider();
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
                 .context("cannot start the async runtime")?;
             runtime.block_on(async move {
-                let running =
-                    locality_sidecar::sidecar::start(config, StartOptions { kubeconfig }).await?;
+                let running = locality_sidecar::sidecar::start(
+                    config,
+                    StartOptions {
+                        kubeconfig,
+                        config_path: Some(config_path),
+                        configmap,
+                    },
+                )
+                .await?;
                 wait_for_signal().await?;
                 tracing::info!("shutdown signal received; draining");
                 running.shutdown().await;

@@ -51,6 +51,10 @@ pub enum StartError {
 pub struct StartOptions {
     /// Kubeconfig for discovery; `None` means `KUBECONFIG` or the in-cluster service account.
     pub kubeconfig: Option<std::path::PathBuf>,
+    /// The config file to watch for live changes.
+    pub config_path: Option<std::path::PathBuf>,
+    /// A ConfigMap (in the pod's namespace) whose `config.yaml` to watch for live changes.
+    pub configmap: Option<String>,
 }
 
 /// Addresses the running sidecar actually bound (port 0 in the config becomes a real port).
@@ -136,17 +140,11 @@ pub async fn start(config: Config, options: StartOptions) -> Result<Running, Sta
     for outbound in &config.outbound {
         let source = match (&outbound.endpoints, &outbound.service, &kube) {
             (Some(list), _, _) => endpoints::static_endpoints(list),
-            (None, Some(service), Some(client)) => {
-                let namespace = std::env::var("POD_NAMESPACE")
-                    .ok()
-                    .filter(|ns| !ns.is_empty())
-                    .unwrap_or_else(|| client.default_namespace().to_string());
-                discovery::watch_service(
-                    client.clone(),
-                    ServiceRef::parse(service, &namespace),
-                    zones_of(&locality),
-                )
-            }
+            (None, Some(service), Some(client)) => discovery::watch_service(
+                client.clone(),
+                ServiceRef::parse(service, &pod_namespace(client)),
+                zones_of(&locality),
+            ),
             // Validation guarantees one of `endpoints` and `service`, and a client exists
             // whenever a service is named.
             _ => continue,
@@ -166,6 +164,19 @@ pub async fn start(config: Config, options: StartOptions) -> Result<Running, Sta
             throttle: RetryThrottle::default(),
             replay_budget: replay_budget.clone(),
         }));
+    }
+
+    let applier = crate::live_config::Applier::new(config.clone(), policy_sender.clone());
+    if let Some(path) = &options.config_path {
+        crate::live_config::watch_file(path.clone(), applier.clone());
+    }
+    if let (Some(name), Some(client)) = (&options.configmap, &kube) {
+        crate::live_config::watch_configmap(
+            client.clone(),
+            pod_namespace(client),
+            name.clone(),
+            applier,
+        );
     }
 
     let (shutdown, shutdown_watch) = tokio::sync::watch::channel(false);
@@ -253,6 +264,14 @@ fn locality_watch(here: Locality, kube: Option<kube::Client>) -> LocalityParts {
         }
     });
     (receiver, Some(zones))
+}
+
+/// Our namespace: `POD_NAMESPACE` (downward API), else the kubeconfig's default.
+fn pod_namespace(client: &kube::Client) -> String {
+    std::env::var("POD_NAMESPACE")
+        .ok()
+        .filter(|ns| !ns.is_empty())
+        .unwrap_or_else(|| client.default_namespace().to_string())
 }
 
 /// The tier order as its own watch, so rankings re-rank when live config changes it.

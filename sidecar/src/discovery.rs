@@ -314,6 +314,7 @@ pub fn watch_service(client: Client, service: ServiceRef, mut zones: NodeZones) 
                         }
                     }
                     Err(error) => {
+                        record_discovery_event(&service.name, "error");
                         tracing::warn!(service = %service.name, %error, "pod watch failed; keeping the last known endpoints");
                         continue;
                     }
@@ -324,7 +325,7 @@ pub fn watch_service(client: Client, service: ServiceRef, mut zones: NodeZones) 
                 }
             }
             let set = view.endpoint_set(&zones.borrow());
-            sender.send_if_modified(|current| {
+            let changed = sender.send_if_modified(|current| {
                 if **current == set {
                     false
                 } else {
@@ -332,12 +333,36 @@ pub fn watch_service(client: Client, service: ServiceRef, mut zones: NodeZones) 
                     true
                 }
             });
+            if changed {
+                record_discovery_event(&service.name, "applied");
+            }
             if sender.is_closed() {
                 return;
             }
         }
     });
     receiver
+}
+
+fn record_discovery_event(upstream: &str, kind: &'static str) {
+    let metrics = crate::metrics::metrics();
+    metrics
+        .discovery_events
+        .get_or_create(&crate::metrics::DiscoveryLabels {
+            upstream: upstream.to_string(),
+            kind,
+        })
+        .inc();
+    if kind != "error" {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or_default();
+        metrics
+            .discovery_last_event
+            .get_or_create(&crate::metrics::upstream(upstream))
+            .set(now);
+    }
 }
 
 async fn next_pod_event(events: &mut Option<PodEvents>) -> Result<Event<Pod>, watcher::Error> {

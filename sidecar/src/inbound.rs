@@ -14,7 +14,7 @@ use tokio::time::Instant;
 
 use crate::body::{pump_body, H3RecvBody, H3Send, PumpEnd};
 use crate::grpc::{self, Code};
-use crate::metrics::{metrics, StatusLabels};
+use crate::metrics::{metrics, DirectionLabels, StatusLabels};
 use crate::outbound::strip_hop_by_hop;
 
 type PeerRecv = h3::server::RequestStream<h3_quinn::RecvStream, Bytes>;
@@ -118,7 +118,25 @@ pub async fn serve(endpoint: quinn::Endpoint, app: Arc<AppClient>) {
                     return;
                 }
             };
+            let direction = DirectionLabels {
+                direction: "inbound",
+            };
+            metrics()
+                .quic_connections_opened
+                .get_or_create(&direction)
+                .inc();
+            let watched = connection.clone();
             serve_connection(connection, app).await;
+            if let Some(reason) = watched.close_reason() {
+                let clean = matches!(&reason, quinn::ConnectionError::ApplicationClosed(close) if close.error_code.into_inner() == 0x100 || close.error_code.into_inner() == 0)
+                    || matches!(reason, quinn::ConnectionError::LocallyClosed);
+                if !clean {
+                    metrics()
+                        .quic_connections_lost
+                        .get_or_create(&direction)
+                        .inc();
+                }
+            }
         });
     }
 }

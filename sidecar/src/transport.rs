@@ -11,6 +11,8 @@ use bytes::Bytes;
 use quinn::crypto::rustls::QuicClientConfig;
 use quinn::{EndpointConfig, IdleTimeout, TransportConfig, VarInt};
 
+use crate::metrics::{metrics, DirectionLabels};
+
 /// The HTTP/3 request handle of one upstream connection; clones share the connection.
 pub type H3Sender = h3::client::SendRequest<h3_quinn::OpenStreams, Bytes>;
 
@@ -224,11 +226,22 @@ impl ConnectionPool {
             .await
             .map_err(|e| failed(format!("HTTP/3 setup: {e}")))?;
         tracing::debug!(%address, server_name, "QUIC connection established");
+        let direction = DirectionLabels {
+            direction: "outbound",
+        };
+        metrics()
+            .quic_connections_opened
+            .get_or_create(&direction)
+            .inc();
         tokio::spawn(async move {
             let closed = futures::future::poll_fn(|cx| driver.poll_close(cx)).await;
             if closed.is_h3_no_error() {
                 tracing::debug!(%address, "QUIC connection closed");
             } else {
+                metrics()
+                    .quic_connections_lost
+                    .get_or_create(&direction)
+                    .inc();
                 tracing::info!(%address, error = %closed, "QUIC connection lost");
             }
         });

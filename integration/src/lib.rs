@@ -1,0 +1,14 @@
+//! Echo test service and harness for the end-to-end tests of the locality-sidecar data path.
+//!
+//! The echo service (`echo.Echo`, from `proto/echo.proto`) plays the application on both ends of
+//! the sidecars: tests call it through client sidecar → QUIC → server sidecar, and compare what
+//! arrives with what a direct call would give. The harness starts real sidecar processes with
+//! real certificates and sockets, so the tests check what a user of the binary would see.
+
+pub mod echo_server;
+pub mod harness;
+
+pub mod pb {
+    //! Code generated from `proto/echo.proto` by `build.rs`.
+    tonic::include_proto!("echo");
+}

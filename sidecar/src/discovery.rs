@@ -60,6 +60,20 @@ pub async fn client(kubeconfig: Option<&std::path::Path>) -> Result<Client, Disc
     Client::try_from(config).map_err(|e| DiscoveryError::Client(e.to_string()))
 }
 
+/// Retry pacing for API watches: from 200 ms up to 5 s, jittered. kube's default (up to 30 s,
+/// tuned for controllers) would leave a sidecar on stale endpoints for half a minute after the
+/// API server comes back; a sidecar's watches are few and cheap, so it may come back sooner.
+pub fn api_backoff() -> watcher::ExponentialBackoff {
+    watcher::ExponentialBackoff::from(
+        backon::ExponentialBuilder::default()
+            .with_min_delay(std::time::Duration::from_millis(200))
+            .with_max_delay(std::time::Duration::from_secs(5))
+            .with_factor(2.0)
+            .with_jitter()
+            .without_max_times(),
+    )
+}
+
 /// Zones of nodes by node name, from the Node watch.
 pub type NodeZones = watch::Receiver<Arc<BTreeMap<String, String>>>;
 
@@ -70,7 +84,7 @@ pub fn watch_node_zones(client: Client) -> NodeZones {
     tokio::spawn(async move {
         let nodes: Api<Node> = Api::all(client);
         let mut events = watcher::watcher(nodes, watcher::Config::default())
-            .default_backoff()
+            .backoff(api_backoff())
             .boxed();
         let mut zones = BTreeMap::new();
         let mut relisting: Option<BTreeMap<String, String>> = None;
@@ -252,7 +266,7 @@ pub fn watch_service(client: Client, service: ServiceRef, mut zones: NodeZones) 
         let service_config =
             watcher::Config::default().fields(&format!("metadata.name={}", service.name));
         let mut service_events = watcher::watcher(services, service_config)
-            .default_backoff()
+            .backoff(api_backoff())
             .boxed();
         let mut selector: Option<BTreeMap<String, String>> = None;
         let mut pod_events: Option<PodEvents> = None;
@@ -276,7 +290,7 @@ pub fn watch_service(client: Client, service: ServiceRef, mut zones: NodeZones) 
                                         .collect::<Vec<_>>()
                                         .join(",");
                                     watcher::watcher(pods_api.clone(), watcher::Config::default().labels(&label_selector))
-                                        .default_backoff()
+                                        .backoff(api_backoff())
                                         .boxed()
                                 });
                                 // The old selector's pods stay in service until the new list

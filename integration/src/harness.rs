@@ -218,6 +218,19 @@ impl Sidecar {
     /// Writes `config` to `DIR/LABEL.yaml` and starts a sidecar with it, logging (stdout and
     /// stderr) to `DIR/LABEL.log`. `admin` must be the config's admin address.
     pub fn spawn(label: &str, dir: &Path, config: &str, admin: SocketAddr) -> Sidecar {
+        Self::spawn_with(label, dir, config, admin, &[], &[])
+    }
+
+    /// [`Sidecar::spawn`] with extra `run` arguments and environment variables (the downward
+    /// API's `NODE_NAME`, `HOST_IP`, ... in a real pod).
+    pub fn spawn_with(
+        label: &str,
+        dir: &Path,
+        config: &str,
+        admin: SocketAddr,
+        args: &[String],
+        env: &[(String, String)],
+    ) -> Sidecar {
         let config_path = dir.join(format!("{label}.yaml"));
         std::fs::write(&config_path, config).expect("write sidecar config");
         let log = dir.join(format!("{label}.log"));
@@ -228,6 +241,8 @@ impl Sidecar {
             .arg("run")
             .arg("--config")
             .arg(&config_path)
+            .args(args)
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(stderr);
@@ -243,6 +258,20 @@ impl Sidecar {
             admin,
             log,
         }
+    }
+
+    /// [`Sidecar::spawn_with`], then [`Sidecar::wait_ready`].
+    pub async fn start_with(
+        label: &str,
+        dir: &Path,
+        config: &str,
+        admin: SocketAddr,
+        args: &[String],
+        env: &[(String, String)],
+    ) -> Sidecar {
+        let mut sidecar = Self::spawn_with(label, dir, config, admin, args, env);
+        sidecar.wait_ready().await;
+        sidecar
     }
 
     /// [`Sidecar::spawn`], then [`Sidecar::wait_ready`].
@@ -443,6 +472,26 @@ pub struct RawResponse {
     pub ended_with_headers: bool,
     pub body: Bytes,
     pub trailers: Option<HeaderMap>,
+}
+
+impl RawResponse {
+    fn grpc_field(&self, name: &str) -> Option<&str> {
+        self.trailers
+            .as_ref()
+            .and_then(|trailers| trailers.get(name))
+            .or_else(|| self.headers.get(name))
+            .and_then(|value| value.to_str().ok())
+    }
+
+    /// `grpc-status` from the trailers, or from the headers of a trailers-only response.
+    pub fn grpc_status(&self) -> Option<&str> {
+        self.grpc_field("grpc-status")
+    }
+
+    /// `grpc-message` as sent (still percent-encoded), wherever the status was.
+    pub fn grpc_message(&self) -> Option<&str> {
+        self.grpc_field("grpc-message")
+    }
 }
 
 /// Makes one gRPC call with a raw HTTP/2 (h2c prior knowledge) client, to see exactly which

@@ -5,7 +5,9 @@
 //! arrives with what a direct call would give. The harness starts real sidecar processes with
 //! real certificates and sockets, so the tests check what a user of the binary would see.
 
+pub mod cluster;
 pub mod echo_server;
+pub mod fake_kube;
 pub mod harness;
 
 pub mod pb {

@@ -560,7 +560,7 @@ async fn trailers_only_error_arrives_as_a_single_headers_frame() {
     let pipeline = Pipeline::start().await;
     let request = grpc_frame(&EchoRequest {
         status_code: Code::NotFound as i32,
-        status_message: "no such thing".into(),
+        status_message: "no-such-thing".into(),
         trailers_only: true,
         ..Default::default()
     });
@@ -582,7 +582,7 @@ async fn trailers_only_error_arrives_as_a_single_headers_frame() {
         Some(&b"5"[..]),
         "the response headers themselves must carry the status: {raw:?}"
     );
-    assert_eq!(raw.headers.get("grpc-message").unwrap(), "no such thing");
+    assert_eq!(raw.headers.get("grpc-message").unwrap(), "no-such-thing");
     assert!(
         raw.ended_with_headers,
         "the HEADERS frame must end the stream: {raw:?}"
@@ -671,24 +671,29 @@ async fn forwarded_grpc_timeout_is_reduced_by_time_already_spent() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_deadline_returns_deadline_exceeded_and_cancels_the_app_call() {
     let pipeline = Pipeline::start().await;
-    let mut client = pipeline.client().await;
-    let mut request = tonic::Request::new(EchoRequest {
+    // A raw client, because tonic's channel enforces grpc-timeout itself (answering CANCELLED
+    // "Timeout expired" at 200 ms) and would hide what the sidecars answer.
+    let mut metadata = HeaderMap::new();
+    metadata.insert("grpc-timeout", HeaderValue::from_static("200m"));
+    let request = grpc_frame(&EchoRequest {
         delay_ms: 3000,
         ..Default::default()
     });
-    request.set_timeout(Duration::from_millis(200));
     let started = Instant::now();
-    // tonic's client does not enforce the deadline itself: the status must come from the path.
-    let status = within(LIMIT, "call with a 200 ms deadline", client.unary(request))
-        .await
-        .expect_err("a 3 s call with a 200 ms deadline must fail");
+    let raw = within(
+        LIMIT,
+        "call with a 200 ms deadline",
+        raw_grpc_call(pipeline.app_addr, "/echo.Echo/Unary", &metadata, request),
+    )
+    .await
+    .expect("the call gets an HTTP response");
     let elapsed = started.elapsed();
     assert_eq!(
-        status.code(),
-        Code::DeadlineExceeded,
-        "{}",
-        describe(&status)
+        raw.grpc_status(),
+        Some("4"),
+        "a 3 s call with a 200 ms deadline must end DEADLINE_EXCEEDED: {raw:?}"
     );
+    assert!(raw.body.is_empty(), "no reply expected: {raw:?}");
     assert!(
         elapsed < Duration::from_millis(1500),
         "DEADLINE_EXCEEDED took {elapsed:?} for a 200 ms deadline"
@@ -1044,9 +1049,14 @@ async fn server_certificate_from_another_ca_is_rejected() {
 async fn client_certificate_from_another_ca_is_refused_by_the_inbound() {
     let dir = tempfile::tempdir().unwrap();
     let (trusted, foreign) = other_ca_dirs(&dir);
-    // The client trusts the server's CA but presents a certificate the server cannot verify.
+    // The client sidecar holds a certificate of the foreign CA and trusts both CAs (a bundle,
+    // as during a CA rotation), so it accepts the server; the server trusts only its own CA.
+    let bundle = dir.path().join("both-cas.crt");
+    let pem_a = std::fs::read_to_string(&trusted.ca).unwrap();
+    let pem_b = std::fs::read_to_string(&foreign.ca).unwrap();
+    std::fs::write(&bundle, format!("{pem_a}\n{pem_b}")).unwrap();
     let client_tls = TlsFiles {
-        ca: trusted.ca.clone(),
+        ca: bundle,
         cert: foreign.cert,
         key: foreign.key,
     };

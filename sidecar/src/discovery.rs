@@ -57,6 +57,11 @@ pub async fn client(kubeconfig: Option<&std::path::Path>) -> Result<Client, Disc
             .await
             .map_err(|e| DiscoveryError::Client(e.to_string()))?,
     };
+    // kube's own request retries (429/503/504, doubling up to minutes) would hide an outage
+    // from the watcher and, worse, keep it waiting long after the API server is back; the
+    // watcher's backoff (`api_backoff`) already paces retries the way a sidecar needs.
+    let mut config = config;
+    config.default_retry = false;
     Client::try_from(config).map_err(|e| DiscoveryError::Client(e.to_string()))
 }
 

@@ -16,6 +16,7 @@ pub mod endpoints;
 pub mod grpc;
 pub mod h2_settings;
 pub mod inbound;
+pub mod inject;
 pub mod live_config;
 pub mod metrics;
 pub mod outbound;

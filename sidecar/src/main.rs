@@ -1,4 +1,4 @@
-//! The `locality-sidecar` command line: `run`, `check-config` and `certs`.
+//! The `locality-sidecar` command line: `run`, `inject`, `check-config` and `certs`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -50,6 +50,34 @@ enum Command {
     },
     /// Validate a config file: exit 0, or print the problem and exit 1.
     CheckConfig { file: PathBuf },
+    /// Add the sidecar (a native sidecar init container) to every pod template in Kubernetes
+    /// YAML and print the result. Idempotent; other documents pass through unchanged.
+    Inject {
+        /// The YAML to read (multi-document); `-` reads standard input.
+        #[arg(
+            short = 'f',
+            long = "file",
+            visible_alias = "filename",
+            default_value = "-"
+        )]
+        file: String,
+        /// The sidecar's container image.
+        #[arg(long, default_value = locality_sidecar::inject::DEFAULT_IMAGE)]
+        image: String,
+        /// The ConfigMap with the sidecar's `config.yaml`, mounted at /etc/locality-sidecar.
+        #[arg(long, default_value = locality_sidecar::inject::DEFAULT_CONFIGMAP)]
+        configmap: String,
+        /// The TLS Secret (ca.crt, tls.crt, tls.key), mounted at /certs.
+        #[arg(long, default_value = locality_sidecar::inject::DEFAULT_SECRET)]
+        secret: String,
+        /// The app's gRPC port, recorded in the `locality-sidecar.io/app-port` annotation; the
+        /// config's `inbound.forward` must be 127.0.0.1:PORT.
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+        app_port: Option<u16>,
+        /// Set spec.serviceAccountName where a pod template names none.
+        #[arg(long)]
+        service_account: Option<String>,
+    },
     /// Write a development CA and a peer certificate (ca.crt, ca.key, tls.crt, tls.key).
     Certs {
         /// Output directory.
@@ -81,6 +109,42 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Inject {
+            file,
+            image,
+            configmap,
+            secret,
+            app_port,
+            service_account,
+        } => {
+            use std::io::{Read, Write};
+            let options = locality_sidecar::inject::InjectOptions {
+                image,
+                configmap,
+                secret,
+                app_port,
+                service_account,
+            };
+            let (input, origin) = if file == "-" {
+                let mut input = String::new();
+                std::io::stdin()
+                    .read_to_string(&mut input)
+                    .context("cannot read standard input")?;
+                (input, "standard input".to_string())
+            } else {
+                let input = std::fs::read_to_string(&file)
+                    .with_context(|| format!("cannot read {file}"))?;
+                (input, file)
+            };
+            // The library builds the whole output first, so an error writes nothing to stdout.
+            let output = locality_sidecar::inject::inject_documents(&input, &options)
+                .with_context(|| format!("inject {origin}"))?;
+            std::io::stdout()
+                .lock()
+                .write_all(output.as_bytes())
+                .context("cannot write to standard output")?;
+            Ok(())
+        }
         Command::CheckConfig { file } => {
             Config::load(&file)?;
             eprintln!("{}: ok", file.display());

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Runs the benchmark: the locality-sidecar pair side by side with a direct call, an HAProxy pair
+# and an nginx pair (see BENCHMARKS.md). Arguments go to the benchmark (`--quick`, `--only`,
+# `--setups`, `--duration`, `--json`, `--svg`, `--help`).
+#
+# Builds every release binary (the sidecar and echo server are separate processes under test),
+# installs HAProxy and nginx from Debian when they are missing and this shell may install
+# packages, then runs target/release/bench. Without them the benchmark still runs and says
+# "not installed" in their columns.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+
+cargo build --release --workspace --bins
+
+missing=()
+for program in haproxy nginx; do
+  if ! command -v "$program" >/dev/null 2>&1 && [ ! -x "/usr/sbin/$program" ]; then
+    missing+=("$program")
+  fi
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "bench.sh: installing ${missing[*]} from Debian" >&2
+    apt-get update
+    DEBIAN_FRONTEND=noninteractive apt-get install -y "${missing[@]}"
+  elif command -v sudo >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
+    echo "bench.sh: installing ${missing[*]} from Debian (sudo)" >&2
+    sudo apt-get update
+    sudo DEBIAN_FRONTEND=noninteractive apt-get install -y "${missing[@]}"
+  else
+    echo "bench.sh: ${missing[*]} not installed and cannot install here; those columns will read \"not installed\"" >&2
+  fi
+fi
+
+exec target/release/bench "$@"

@@ -1,0 +1,228 @@
+//! The local demo: a small cluster on this machine (fake Kubernetes API server, three nodes in two
+//! zones, five echo pods each behind its own sidecar on its own 127.x address, and a client pod
+//! with an outbound sidecar on node-a) that shows same-node-first routing and fall-through live.
+//!
+//! It sends calls in rounds and prints which node answered each round's share, then takes the
+//! same-node pod out of service twice (un-ready through the API, then its app killed outright)
+//! and brings it back, and finishes with the client sidecar's own counters.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use integration::cluster::{answers_by_pod, Cluster, ClusterSpec};
+use integration::harness::echo_client;
+use serde_json::json;
+
+const ROUND_CALLS: usize = 200;
+const CONCURRENCY: usize = 8;
+const BAR_WIDTH: usize = 40;
+
+fn node_of(cluster: &Cluster, pod: &str) -> String {
+    cluster
+        .pods
+        .iter()
+        .find(|p| p.name == pod)
+        .map(|p| p.node.clone())
+        .unwrap_or_else(|| "?".to_string())
+}
+
+/// One round of calls, printed as a bar per node.
+async fn round(
+    cluster: &Cluster,
+    client: &integration::pb::echo_client::EchoClient<tonic::transport::Channel>,
+    label: &str,
+) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let (by_pod, failures) = answers_by_pod(client, ROUND_CALLS, CONCURRENCY).await;
+    let elapsed = started.elapsed();
+    let mut by_node: BTreeMap<String, usize> = BTreeMap::new();
+    for (pod, count) in &by_pod {
+        *by_node.entry(node_of(cluster, pod)).or_default() += count;
+    }
+    println!(
+        "  {label}  ({ROUND_CALLS} calls in {:.0} ms, {} failed)",
+        elapsed.as_secs_f64() * 1000.0,
+        failures.len()
+    );
+    for node in ["node-a", "node-b", "node-c"] {
+        let count = by_node.get(node).copied().unwrap_or(0);
+        let width = count * BAR_WIDTH / ROUND_CALLS;
+        let marker = if node == cluster.spec.client_node {
+            " (client's node)"
+        } else {
+            ""
+        };
+        println!(
+            "    {node} {:<BAR_WIDTH$} {count:>4}{marker}",
+            "█".repeat(width)
+        );
+    }
+    if let Some(status) = failures.first() {
+        println!(
+            "    first failure: {:?} {}",
+            status.code(),
+            status.message()
+        );
+    }
+    Ok(())
+}
+
+async fn ranking(cluster: &Cluster) -> String {
+    cluster
+        .ranked_pods()
+        .await
+        .iter()
+        .map(|(pod, tier)| format!("{pod}[{tier}]"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn counter(metrics: &str, name: &str, filter: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|line| line.starts_with(name) && line.contains(filter))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    println!("locality-sidecar demo: a cluster on this machine");
+    println!("  nodes: node-a (zone-1), node-b (zone-1), node-c (zone-2)");
+    println!(
+        "  echo pods: echo-a1 on node-a, echo-b1 + echo-b2 on node-b, echo-c1 + echo-c2 on node-c,"
+    );
+    println!("             each with its own sidecar on its own 127.x address (QUIC, mutual TLS)");
+    println!(
+        "  client pod on node-a; its sidecar finds the pods through the (fake) Kubernetes API"
+    );
+    println!("  retry policy: UNAVAILABLE retried up to 4 attempts\n");
+
+    let mut spec = ClusterSpec::three_nodes(0);
+    spec.pods = [
+        ("echo-a1", "node-a"),
+        ("echo-b1", "node-b"),
+        ("echo-b2", "node-b"),
+        ("echo-c1", "node-c"),
+        ("echo-c2", "node-c"),
+    ]
+    .iter()
+    .map(|(pod, node)| (pod.to_string(), node.to_string()))
+    .collect();
+    spec.service_config = Some(json!({
+        "methodConfig": [{
+            "name": [{"service": "echo.Echo"}],
+            "timeout": "5s",
+            "retryPolicy": {"maxAttempts": 4, "initialBackoff": "0.01s", "maxBackoff": "0.1s", "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]}
+        }]
+    }));
+    // Short ejections so the demo shows the pod coming back within seconds.
+    spec.client_extra = json!({"outlierDetection": {"consecutiveFailures": 3, "baseEjectionTime": "2s", "maxEjectionTime": "10s", "maxEjectionPercent": 50}});
+    let mut cluster = Cluster::start(spec).await;
+    let client = echo_client(cluster.app_addr).await;
+    println!("the client sidecar ranks: {}\n", ranking(&cluster).await);
+
+    println!("1. all pods ready: calls stay on the client's node");
+    for i in 1..=3 {
+        round(&cluster, &client, &format!("round {i}")).await?;
+    }
+
+    println!("\n2. echo-a1 marked un-ready in the API: calls move to node-b, the same zone");
+    cluster.set_ready("echo-a1", false);
+    let moved = Instant::now();
+    while cluster
+        .ranked_pods()
+        .await
+        .iter()
+        .any(|(pod, _)| pod == "echo-a1")
+    {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    println!(
+        "  ranking updated {:.0} ms after the API event: {}",
+        moved.elapsed().as_secs_f64() * 1000.0,
+        ranking(&cluster).await
+    );
+    for i in 1..=2 {
+        round(&cluster, &client, &format!("round {i}")).await?;
+    }
+
+    println!("\n3. echo-a1 ready again: calls come back");
+    cluster.set_ready("echo-a1", true);
+    while cluster
+        .ranked_pods()
+        .await
+        .first()
+        .map(|(pod, _)| pod.as_str())
+        != Some("echo-a1")
+    {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    round(&cluster, &client, "round 1").await?;
+
+    println!("\n4. echo-a1's app crashes (the API still says ready): the sidecar retries on other nodes, no call fails");
+    cluster.kill_app("echo-a1");
+    for i in 1..=2 {
+        round(&cluster, &client, &format!("round {i}")).await?;
+    }
+    println!("  ranking: {}", ranking(&cluster).await);
+
+    println!("\n5. echo-a1's app restarts: after its ejection ends, calls return to node-a");
+    cluster.restart_app("echo-a1").await;
+    let waited = Instant::now();
+    loop {
+        let view = cluster.endpoints_view().await;
+        let ejected = view["upstreams"][0]["endpoints"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|e| e["ejected"] == json!(true));
+        if !ejected || waited.elapsed() > Duration::from_secs(30) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    round(&cluster, &client, "round 1").await?;
+
+    let metrics = cluster.metrics().await;
+    println!("\nthe client sidecar's counters (GET /metrics on its admin port):");
+    for (label, name, filter) in [
+        (
+            "calls answered on the same node",
+            "locality_sidecar_calls_total",
+            "tier=\"node\"",
+        ),
+        (
+            "calls answered in the same zone",
+            "locality_sidecar_calls_total",
+            "tier=\"zone\"",
+        ),
+        (
+            "calls answered in another zone",
+            "locality_sidecar_calls_total",
+            "tier=\"any\"",
+        ),
+        (
+            "failed calls",
+            "locality_sidecar_calls_total",
+            "status=\"UNAVAILABLE\"",
+        ),
+        ("retries", "locality_sidecar_retries_total", ""),
+        (
+            "transparent retries",
+            "locality_sidecar_transparent_retries_total",
+            "",
+        ),
+        (
+            "fall-throughs to another node",
+            "locality_sidecar_fallthroughs_total",
+            "",
+        ),
+        ("ejections", "locality_sidecar_ejections_total", ""),
+    ] {
+        println!("  {label:<34} {:>6}", counter(&metrics, name, filter));
+    }
+    println!("\ndone: every process of the demo cluster stops now.");
+    drop(cluster);
+    Ok(())
+}

@@ -56,6 +56,7 @@ class Checks:
     def __init__(self):
         self.passed = []
         self.failed = []
+        self.calls = 0
 
     def check(self, name, condition, detail=""):
         (self.passed if condition else self.failed).append(name if condition else f"{name}: {detail}")
@@ -97,6 +98,7 @@ def main():
 
         def unary():
             payload = bytes(range(256)) * 4
+            checks.calls += 1
             reply, call = stub.Unary.with_call(
                 pb.EchoRequest(payload=payload), metadata=metadata, timeout=TIMEOUT
             )
@@ -107,10 +109,12 @@ def main():
                 checks.check(f"unary ascii metadata in {place}", found.get("x-echo-lang") == ["python"], found)
                 checks.check(f"unary binary metadata in {place}", found.get("x-echo-blob-bin") == [binary], found)
             big = pattern(1024 * 1024)
+            checks.calls += 1
             reply = stub.Unary(pb.EchoRequest(reply_size=len(big)), timeout=TIMEOUT)
             checks.check("unary 1 MiB reply", reply.payload == big, f"{len(reply.payload)} bytes")
 
         def server_stream():
+            checks.calls += 1
             call = stub.ServerStream(
                 pb.EchoRequest(reply_size=1000, reply_count=500), metadata=metadata, timeout=TIMEOUT
             )
@@ -127,6 +131,7 @@ def main():
 
         def client_stream():
             payloads = [bytes([i % 256]) * (i * 13 % 300) for i in range(300)]
+            checks.calls += 1
             reply = stub.ClientStream(
                 (pb.EchoRequest(payload=p) for p in payloads), metadata=metadata, timeout=TIMEOUT
             )
@@ -135,6 +140,7 @@ def main():
 
         def bidi():
             payloads = [i.to_bytes(4, "big") * (1 + i % 50) for i in range(1000)]
+            checks.calls += 1
             replies = list(
                 stub.Bidi((pb.EchoRequest(payload=p) for p in payloads), metadata=metadata, timeout=TIMEOUT)
             )
@@ -147,6 +153,7 @@ def main():
         def failing_status():
             message = "échec — 失敗 ✓"
             for trailers_only in (True, False):
+                checks.calls += 1
                 try:
                     stub.Unary(
                         pb.EchoRequest(
@@ -176,7 +183,10 @@ def main():
         checks.run("status", failing_status)
         channel.close()
 
-    print(f"grpcio {grpc.__version__} via {args.target}: {len(checks.passed)} checks passed, {len(checks.failed)} failed")
+    print(
+        f"grpcio {grpc.__version__} via {args.target}: {checks.calls} calls, "
+        f"{len(checks.passed)} checks passed, {len(checks.failed)} failed"
+    )
     for failure in checks.failed:
         print(f"FAILED {failure}")
     return 1 if checks.failed or not checks.passed else 0

@@ -172,7 +172,12 @@ impl Cluster {
         }
         let config_text = serde_yaml_ng::to_string(&config).expect("config serialises");
         if spec.watch_configmap {
-            kube.apply_config_map(fake_kube::config_map(NAMESPACE, CONFIGMAP, "config.yaml", &config_text));
+            kube.apply_config_map(fake_kube::config_map(
+                NAMESPACE,
+                CONFIGMAP,
+                "config.yaml",
+                &config_text,
+            ));
         }
         let mut args = vec!["--kubeconfig".to_string(), kubeconfig.display().to_string()];
         if spec.watch_configmap {
@@ -185,7 +190,8 @@ impl Cluster {
             ("POD_NAMESPACE".to_string(), NAMESPACE.to_string()),
             ("POD_NAME".to_string(), "client".to_string()),
         ];
-        let client = Sidecar::start_with("client", dir.path(), &config_text, admin, &args, &env).await;
+        let client =
+            Sidecar::start_with("client", dir.path(), &config_text, admin, &args, &env).await;
         let cluster = Cluster {
             kube,
             spec,
@@ -196,7 +202,9 @@ impl Cluster {
             kubeconfig,
             dir,
         };
-        cluster.wait_for_endpoints(cluster.pods.len(), Duration::from_secs(10)).await;
+        cluster
+            .wait_for_endpoints(cluster.pods.len(), Duration::from_secs(10))
+            .await;
         cluster
     }
 
@@ -237,7 +245,11 @@ impl Cluster {
     /// Adds a ready echo pod on `node` (its own app and sidecar) and registers it in the API.
     pub async fn add_pod(&mut self, name: &str, node: &str) {
         let ip = {
-            let last = self.pods.last().map(|pod| pod.ip).unwrap_or(Ipv4Addr::new(127, 200, 0, 9));
+            let last = self
+                .pods
+                .last()
+                .map(|pod| pod.ip)
+                .unwrap_or(Ipv4Addr::new(127, 200, 0, 9));
             let [a, b, c, d] = last.octets();
             Ipv4Addr::new(a, b, c, d + 1)
         };
@@ -315,7 +327,13 @@ fn host_ip_of(spec: &ClusterSpec, node: &str) -> String {
         .unwrap_or_else(|| panic!("no node {node}"))
 }
 
-async fn start_pod(dir: &tempfile::TempDir, certs: &CertDir, name: &str, node: &str, ip: Ipv4Addr) -> EchoPod {
+async fn start_pod(
+    dir: &tempfile::TempDir,
+    certs: &CertDir,
+    name: &str,
+    node: &str,
+    ip: Ipv4Addr,
+) -> EchoPod {
     let app = spawn_echo_server(SocketAddr::new(IpAddr::V4(ip), 0), name)
         .await
         .unwrap_or_else(|e| panic!("start app of {name} on {ip}: {e}"));
@@ -331,7 +349,10 @@ async fn start_pod(dir: &tempfile::TempDir, certs: &CertDir, name: &str, node: &
         "admin": {"listen": admin.to_string()},
     });
     let text = serde_yaml_ng::to_string(&config).expect("config serialises");
-    let env = vec![("NODE_NAME".to_string(), node.to_string()), ("POD_NAME".to_string(), name.to_string())];
+    let env = vec![
+        ("NODE_NAME".to_string(), node.to_string()),
+        ("POD_NAME".to_string(), name.to_string()),
+    ];
     let sidecar = Sidecar::start_with(name, dir.path(), &text, admin, &[], &env).await;
     EchoPod {
         name: name.to_string(),
@@ -348,7 +369,10 @@ pub async fn answers_by_pod(
     client: &crate::pb::echo_client::EchoClient<tonic::transport::Channel>,
     calls: usize,
     concurrency: usize,
-) -> (std::collections::BTreeMap<String, usize>, Vec<tonic::Status>) {
+) -> (
+    std::collections::BTreeMap<String, usize>,
+    Vec<tonic::Status>,
+) {
     use futures::StreamExt;
     let results: Vec<Result<String, tonic::Status>> = futures::stream::iter(0..calls)
         .map(|_| {
@@ -359,7 +383,10 @@ pub async fn answers_by_pod(
                     ..Default::default()
                 });
                 request.set_timeout(Duration::from_secs(10));
-                client.unary(request).await.map(|reply| reply.into_inner().server)
+                client
+                    .unary(request)
+                    .await
+                    .map(|reply| reply.into_inner().server)
             }
         })
         .buffer_unordered(concurrency)

@@ -492,6 +492,36 @@ impl RawResponse {
     pub fn grpc_message(&self) -> Option<&str> {
         self.grpc_field("grpc-message")
     }
+
+    /// `grpc-message` percent-decoded, as a gRPC library would show it ("" when absent).
+    pub fn grpc_message_decoded(&self) -> String {
+        percent_decode(self.grpc_message().unwrap_or_default())
+    }
+}
+
+/// Decodes gRPC's percent-encoding of `grpc-message` (invalid escapes stay as they are).
+pub fn percent_decode(value: &str) -> String {
+    let bytes = value.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let escape = (bytes[i] == b'%')
+            .then(|| bytes.get(i + 1..i + 3))
+            .flatten()
+            .and_then(|hex| std::str::from_utf8(hex).ok())
+            .and_then(|hex| u8::from_str_radix(hex, 16).ok());
+        match escape {
+            Some(byte) => {
+                decoded.push(byte);
+                i += 3;
+            }
+            None => {
+                decoded.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&decoded).into_owned()
 }
 
 /// Makes one gRPC call with a raw HTTP/2 (h2c prior knowledge) client, to see exactly which

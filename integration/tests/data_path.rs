@@ -4,16 +4,19 @@
 //! the sidecars in between (or, for failures the sidecars produce, that the app gets a proper
 //! gRPC status). Needs `cargo build --workspace --bins` first.
 
-use std::time::{Duration, Instant};
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue};
 use integration::{
     echo_server::pattern,
     harness::{
-        client_sidecar_config, decode_grpc_frames, echo_client, free_tcp_addr, free_udp_addr,
-        generate_certs, grpc_frame, http_get, parse_grpc_timeout, raw_grpc_call, within, Pipeline,
-        Sidecar, StaticEndpoint, TlsFiles, SERVER_NAME,
+        client_sidecar_config, decode_grpc_frames, free_tcp_addr, free_udp_addr, generate_certs,
+        grpc_frame, http_get, parse_grpc_timeout, raw_grpc_call, within, Pipeline, Sidecar,
+        StaticEndpoint, TlsFiles, SERVER_NAME,
     },
     pb::{echo_client::EchoClient, EchoReply, EchoRequest},
 };
@@ -954,6 +957,13 @@ async fn slow_reader_backpressure_bounds_producer_and_sidecar_memory() {
     let produced = pipeline.echo.state().stream_bytes();
     let client_growth = pipeline.client.rss_bytes().saturating_sub(client_baseline);
     let server_growth = pipeline.server.rss_bytes().saturating_sub(server_baseline);
+    // Printed so that `--nocapture` shows how much headroom the bounds below have.
+    eprintln!(
+        "paused reader: app produced {} KiB; RSS growth: client sidecar {} KiB, server sidecar {} KiB",
+        produced / 1024,
+        client_growth / 1024,
+        server_growth / 1024
+    );
     assert!(
         produced < 64 * MIB as u64,
         "the app produced {} MiB while the client had read 640 KiB: no backpressure",
@@ -979,29 +989,44 @@ fn other_ca_dirs(dir: &tempfile::TempDir) -> (TlsFiles, TlsFiles) {
     (a.tls(), b.tls())
 }
 
-async fn expect_unavailable_naming(
-    client: &mut EchoClient<Channel>,
-    upstream: &str,
-    deadline: Duration,
-) -> Status {
-    let mut request = tonic::Request::new(EchoRequest::default());
-    request.set_timeout(deadline);
+/// Makes a call with `deadline` and expects the sidecars' own UNAVAILABLE, naming `upstream`,
+/// before the deadline passes; returns the (decoded) grpc-message. A raw client, because
+/// tonic's channel would answer CANCELLED "Timeout expired" itself at the deadline and hide
+/// what the sidecar did.
+async fn expect_unavailable_naming(app: SocketAddr, upstream: &str, deadline: Duration) -> String {
+    let mut metadata = HeaderMap::new();
+    let timeout = format!("{}m", deadline.as_millis());
+    metadata.insert("grpc-timeout", HeaderValue::from_str(&timeout).unwrap());
     let started = Instant::now();
-    let status = within(LIMIT, "call to a failing upstream", client.unary(request))
-        .await
-        .expect_err("the call must fail");
+    let raw = within(
+        LIMIT,
+        "call to a failing upstream",
+        raw_grpc_call(
+            app,
+            "/echo.Echo/Unary",
+            &metadata,
+            grpc_frame(&EchoRequest::default()),
+        ),
+    )
+    .await
+    .expect("the sidecar answers with an HTTP/2 response");
     let elapsed = started.elapsed();
-    assert_eq!(status.code(), Code::Unavailable, "{}", describe(&status));
+    let message = raw.grpc_message_decoded();
+    assert_eq!(
+        raw.grpc_status(),
+        Some("14"),
+        "expected UNAVAILABLE after {elapsed:?}, got grpc-status {:?} with message {message:?}: {raw:?}",
+        raw.grpc_status()
+    );
     assert!(
-        status.message().contains(upstream),
-        "the UNAVAILABLE message should name the upstream {upstream:?}: {:?}",
-        status.message()
+        message.contains(upstream),
+        "the UNAVAILABLE message should name the upstream {upstream:?}: {message:?}"
     );
     assert!(
         elapsed < deadline,
         "UNAVAILABLE took {elapsed:?}, longer than the {deadline:?} deadline"
     );
-    status
+    message
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1020,8 +1045,7 @@ async fn unreachable_endpoint_gives_unavailable_naming_the_upstream() {
         admin,
     );
     let _client_sidecar = Sidecar::start("client", dir.path(), &config, admin).await;
-    let mut client = echo_client(app).await;
-    expect_unavailable_naming(&mut client, "echo-unreachable", Duration::from_secs(5)).await;
+    expect_unavailable_naming(app, "echo-unreachable", Duration::from_secs(5)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1029,14 +1053,16 @@ async fn server_certificate_from_another_ca_is_rejected() {
     let dir = tempfile::tempdir().unwrap();
     let (trusted, foreign) = other_ca_dirs(&dir);
     let pipeline = Pipeline::start_with(dir, &trusted, &foreign, "echo-foreign-server").await;
-    let mut client = pipeline.client().await;
-    let status =
-        expect_unavailable_naming(&mut client, "echo-foreign-server", Duration::from_secs(5)).await;
-    let message = status.message().to_lowercase();
+    let message = expect_unavailable_naming(
+        pipeline.app_addr,
+        "echo-foreign-server",
+        Duration::from_secs(5),
+    )
+    .await;
+    let lower = message.to_lowercase();
     assert!(
-        message.contains("tls") || message.contains("certificate"),
-        "the UNAVAILABLE message should say the TLS handshake failed: {:?}",
-        status.message()
+        lower.contains("tls") || lower.contains("certificate"),
+        "the UNAVAILABLE message should say the TLS handshake failed: {message:?}"
     );
     assert_eq!(
         pipeline.echo.state().calls_started(),
@@ -1061,8 +1087,12 @@ async fn client_certificate_from_another_ca_is_refused_by_the_inbound() {
         key: foreign.key,
     };
     let pipeline = Pipeline::start_with(dir, &client_tls, &trusted, "echo-foreign-client").await;
-    let mut client = pipeline.client().await;
-    expect_unavailable_naming(&mut client, "echo-foreign-client", Duration::from_secs(5)).await;
+    expect_unavailable_naming(
+        pipeline.app_addr,
+        "echo-foreign-client",
+        Duration::from_secs(5),
+    )
+    .await;
     assert_eq!(
         pipeline.echo.state().calls_started(),
         0,

@@ -65,14 +65,14 @@ pub async fn client(kubeconfig: Option<&std::path::Path>) -> Result<Client, Disc
     Client::try_from(config).map_err(|e| DiscoveryError::Client(e.to_string()))
 }
 
-/// Retry pacing for API watches: from 200 ms up to 5 s, jittered. kube's default (up to 30 s,
+/// Retry pacing for API watches: from 200 ms up to 3 s, jittered. kube's default (up to 30 s,
 /// tuned for controllers) would leave a sidecar on stale endpoints for half a minute after the
 /// API server comes back; a sidecar's watches are few and cheap, so it may come back sooner.
 pub fn api_backoff() -> watcher::ExponentialBackoff {
     watcher::ExponentialBackoff::from(
         backon::ExponentialBuilder::default()
             .with_min_delay(std::time::Duration::from_millis(200))
-            .with_max_delay(std::time::Duration::from_secs(5))
+            .with_max_delay(std::time::Duration::from_secs(3))
             .with_factor(2.0)
             .with_jitter()
             .without_max_times(),

@@ -622,7 +622,18 @@ fn sidecar_container(options: &InjectOptions) -> Value {
         // In initContainers, this makes it a native sidecar: it keeps running (and is restarted)
         // alongside the app instead of having to exit before the app starts.
         ("restartPolicy", Value::from("Always")),
-        ("args", strings(&["run", "--config", CONFIG_PATH])),
+        // --configmap watches the ConfigMap through the API, so a change applies within a
+        // second instead of when the kubelet next refreshes the mounted file (up to a minute).
+        (
+            "args",
+            strings(&[
+                "run",
+                "--config",
+                CONFIG_PATH,
+                "--configmap",
+                options.configmap.as_str(),
+            ]),
+        ),
         (
             "env",
             Value::Sequence(vec![

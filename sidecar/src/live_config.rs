@@ -130,7 +130,9 @@ pub fn watch_configmap(client: Client, namespace: String, name: String, applier:
     tokio::spawn(async move {
         let api: Api<ConfigMap> = Api::namespaced(client, &namespace);
         let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
-        let mut events = watcher::watcher(api, config).backoff(crate::discovery::api_backoff()).boxed();
+        let mut events = watcher::watcher(api, config)
+            .backoff(crate::discovery::api_backoff())
+            .boxed();
         let origin = format!("configmap {namespace}/{name} key {CONFIGMAP_KEY}");
         let mut last: Option<String> = None;
         while let Some(event) = events.next().await {

@@ -193,7 +193,15 @@ pub async fn handle_call(
                     metrics.ejections.get_or_create(&upstream_label).inc();
                 }
                 transparent_retries += 1;
-                if transparent_retries <= MAX_TRANSPARENT_RETRIES && source.replayable().await {
+                // Only another endpoint can help: retrying the one that just failed to connect
+                // would spend the caller's deadline on the same dead address.
+                let untried_remains = ranking
+                    .endpoints()
+                    .any(|e| !tried.contains(&e.endpoint.address));
+                if untried_remains
+                    && transparent_retries <= MAX_TRANSPARENT_RETRIES
+                    && source.replayable().await
+                {
                     metrics
                         .transparent_retries
                         .get_or_create(&upstream_label)

@@ -37,8 +37,10 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(20);
 /// The kernel's default UDP buffers (~200 KiB) drop packets when a burst of streams lands at
 /// once; drops turn into retransmits and latency spikes. The kernel caps this at net.core.rmem_max.
 const UDP_BUFFER_BYTES: usize = 8 * 1024 * 1024;
-/// How long a new connection may take before the call fails over or fails.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a new connection may take before the call fails over or fails. A QUIC handshake
+/// inside a cluster takes milliseconds; a peer that has not answered in a second is gone (UDP
+/// gets no connection-refused), and the call is better off on another pod.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {

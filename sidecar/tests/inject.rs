@@ -86,7 +86,10 @@ fn assert_injected(template: &Value, options: &InjectOptions) {
     assert_eq!(sidecar["restartPolicy"], "Always");
     assert_eq!(
         sidecar["args"],
-        yaml("[run, --config, /etc/locality-sidecar/config.yaml]")
+        yaml(&format!(
+            "[run, --config, /etc/locality-sidecar/config.yaml, --configmap, {}]",
+            options.configmap
+        ))
     );
     for (name, field) in [
         ("POD_NAME", "metadata.name"),

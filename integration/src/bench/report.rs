@@ -357,7 +357,7 @@ pub fn scenario_table(scenario: &ScenarioResult) -> String {
             let times: Vec<String> = result
                 .stream_times
                 .iter()
-                .map(|t| format!("{:.2}s", t.as_secs_f64()))
+                .map(|t| fmt_ns(nanos(*t)))
                 .collect();
             let _ = writeln!(
                 out,

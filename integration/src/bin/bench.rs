@@ -367,16 +367,30 @@ async fn open_loop_rate(
     ))
 }
 
-async fn run_scenario(
-    scenario: &Scenario,
-    args: &Args,
-    plan: &Plan,
-    context: &Context,
-    dir: &Path,
-    echo_binary: &Path,
-    earlier: &[ScenarioResult],
+/// What every scenario runs with.
+struct Bench<'a> {
+    args: &'a Args,
+    plan: &'a Plan,
+    context: &'a Context,
+    /// The temporary directory: configs and logs, one subdirectory per scenario.
+    dir: &'a Path,
+    echo_binary: &'a Path,
     ticks: f64,
+}
+
+async fn run_scenario(
+    bench: &Bench<'_>,
+    scenario: &Scenario,
+    earlier: &[ScenarioResult],
 ) -> anyhow::Result<ScenarioResult> {
+    let Bench {
+        args,
+        plan,
+        context,
+        dir,
+        echo_binary,
+        ticks,
+    } = *bench;
     let dir = dir.join(&scenario.name);
     std::fs::create_dir_all(&dir)?;
     let echo = EchoProcess::start(echo_binary, &dir)?;
@@ -590,20 +604,19 @@ async fn run(args: Args, sidecar_binary: PathBuf, echo_binary: PathBuf) -> anyho
             .join(", ")
     );
 
+    let bench = Bench {
+        args: &args,
+        plan: &plan,
+        context: &context,
+        dir: dir.path(),
+        echo_binary: &echo_binary,
+        ticks,
+    };
     let mut results: Vec<ScenarioResult> = Vec::new();
     for scenario in &scenarios {
-        let result = run_scenario(
-            scenario,
-            &args,
-            &plan,
-            &context,
-            dir.path(),
-            &echo_binary,
-            &results,
-            ticks,
-        )
-        .await
-        .with_context(|| format!("scenario {}", scenario.name))?;
+        let result = run_scenario(&bench, scenario, &results)
+            .await
+            .with_context(|| format!("scenario {}", scenario.name))?;
         print!("{}", report::scenario_table(&result));
         results.push(result);
     }

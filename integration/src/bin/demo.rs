@@ -68,11 +68,23 @@ async fn round(
 }
 
 async fn ranking(cluster: &Cluster) -> String {
-    cluster
-        .ranked_pods()
-        .await
-        .iter()
-        .map(|(pod, tier)| format!("{pod}[{tier}]"))
+    let view = cluster.endpoints_view().await;
+    view["upstreams"][0]["endpoints"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|e| {
+            let ejected = if e["ejected"] == json!(true) {
+                " (ejected)"
+            } else {
+                ""
+            };
+            format!(
+                "{}[{}]{ejected}",
+                e["pod"].as_str().unwrap_or("?"),
+                e["tier"].as_str().unwrap_or("?")
+            )
+        })
         .collect::<Vec<_>>()
         .join(" ")
 }
@@ -82,7 +94,7 @@ fn counter(metrics: &str, name: &str, filter: &str) -> f64 {
         .lines()
         .filter(|line| line.starts_with(name) && line.contains(filter))
         .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+        .fold(0.0, |total, value| total + value)
 }
 
 #[tokio::main]

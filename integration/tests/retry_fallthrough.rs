@@ -129,6 +129,26 @@ async fn killing_the_same_node_app_fails_no_call_and_falls_through_to_another_no
         ),
         3200.0
     );
+
+    // Every metric the Grafana dashboard queries is one this sidecar really exports.
+    let dashboard_metrics = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../manifests/dashboard-metrics.txt"
+    ))
+    .expect("manifests/dashboard-metrics.txt");
+    for name in dashboard_metrics
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+    {
+        let family = name.strip_suffix("_total").unwrap_or(name);
+        assert!(
+            metrics.lines().any(
+                |line| line.starts_with(name) || line.starts_with(&format!("# TYPE {family} "))
+            ),
+            "the dashboard queries {name}, which /metrics does not export:\n{metrics}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

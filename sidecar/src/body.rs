@@ -217,7 +217,10 @@ pub enum PumpEnd {
 /// Copies `body` (DATA frames, then trailers) into `send` and finishes the stream. Never leaves
 /// the stream half-written: on a source failure it resets the stream, because quinn finishes a
 /// dropped send stream cleanly, which would pass a truncated body off as complete.
-pub async fn pump_body<B, S>(mut body: B, send: &mut S) -> PumpEnd
+///
+/// `unexplained` is the reset code when the failure carries no HTTP/2 reason (the source's
+/// connection died): a cancel for a client that went away, an internal error for an app that did.
+pub async fn pump_body<B, S>(mut body: B, send: &mut S, unexplained: H3Code) -> PumpEnd
 where
     B: Body<Data = Bytes> + Unpin,
     B::Error: std::error::Error + 'static,
@@ -255,7 +258,7 @@ where
                 }
             }
             Some(Err(error)) => {
-                let code = h3_code_for_body_error(&error);
+                let code = h3_code_for_body_error(&error, unexplained);
                 send.reset(code);
                 return PumpEnd::SourceFailed(code);
             }
@@ -264,7 +267,10 @@ where
 }
 
 /// The HTTP/3 reset code for a failed HTTP/2 body: the HTTP/2 reason when the error carries one.
-pub fn h3_code_for_body_error(error: &(dyn std::error::Error + 'static)) -> H3Code {
+pub fn h3_code_for_body_error(
+    error: &(dyn std::error::Error + 'static),
+    unexplained: H3Code,
+) -> H3Code {
     let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
     while let Some(err) = cause {
         if let Some(h2_error) = err.downcast_ref::<h2::Error>() {
@@ -279,5 +285,5 @@ pub fn h3_code_for_body_error(error: &(dyn std::error::Error + 'static)) -> H3Co
         }
         cause = err.source();
     }
-    H3Code::H3_REQUEST_CANCELLED
+    unexplained
 }

@@ -258,7 +258,7 @@ async fn handle_call(request: Request<()>, mut send: PeerSend, recv: PeerRecv, a
             let _ = send.finish().await;
             return;
         }
-        match pump_body(body, &mut send).await {
+        match pump_body(body, &mut send, H3Code::H3_INTERNAL_ERROR).await {
             PumpEnd::Complete => {}
             end => tracing::debug!(?end, "response to peer ended early"),
         }

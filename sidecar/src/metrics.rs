@@ -250,6 +250,52 @@ impl Metrics {
     }
 }
 
+impl Metrics {
+    /// Creates an upstream's series at zero, so dashboards and alerts see 0 rather than a
+    /// missing series before the first retry or ejection happens.
+    pub fn init_upstream(&self, name: &str) {
+        let labels = upstream(name);
+        for family in [
+            &self.retries,
+            &self.transparent_retries,
+            &self.retries_throttled,
+            &self.ejections,
+        ] {
+            drop(family.get_or_create(&labels));
+        }
+        drop(self.ejected_endpoints.get_or_create(&labels));
+        drop(self.call_duration.get_or_create(&labels));
+        for tier in ["node", "zone", "any"] {
+            let labels = TierLabels {
+                upstream: name.to_string(),
+                tier,
+            };
+            drop(self.fallthroughs.get_or_create(&labels));
+            drop(self.endpoints.get_or_create(&labels));
+        }
+        drop(self.discovery_events.get_or_create(&DiscoveryLabels {
+            upstream: name.to_string(),
+            kind: "applied",
+        }));
+    }
+
+    /// Creates the process-wide series at zero (see [`Metrics::init_upstream`]).
+    pub fn init_process(&self) {
+        for direction in ["outbound", "inbound"] {
+            self.quic_connections_opened
+                .get_or_create(&DirectionLabels { direction });
+            self.quic_connections_lost
+                .get_or_create(&DirectionLabels { direction });
+        }
+        for source in ["file", "configmap"] {
+            for result in ["applied", "rejected"] {
+                self.config_reloads
+                    .get_or_create(&ReloadLabels { source, result });
+            }
+        }
+    }
+}
+
 /// The process-wide metrics.
 pub fn metrics() -> &'static Metrics {
     static METRICS: OnceLock<Metrics> = OnceLock::new();

@@ -192,7 +192,8 @@ impl RequestSource {
                     }
                 },
                 Some(Err(error)) => {
-                    let code = crate::body::h3_code_for_body_error(&error);
+                    let code =
+                        crate::body::h3_code_for_body_error(&error, H3Code::H3_REQUEST_CANCELLED);
                     state.failed = Some(code);
                     send.reset(code);
                     return PumpEnd::SourceFailed(code);

@@ -136,6 +136,7 @@ pub async fn start(config: Config, options: StartOptions) -> Result<Running, Sta
         tokio::sync::watch::channel(Arc::new(LivePolicy::from_config(&config)));
     let tiers = tiers_of(&policy);
     let replay_budget = ReplayBudget::new(PER_PROCESS_LIMIT);
+    crate::metrics::metrics().init_process();
     let mut upstreams = Vec::new();
     for outbound in &config.outbound {
         let source = match (&outbound.endpoints, &outbound.service, &kube) {
@@ -155,6 +156,7 @@ pub async fn start(config: Config, options: StartOptions) -> Result<Running, Sta
                 message: "outbound upstreams need TLS".to_string(),
             });
         };
+        crate::metrics::metrics().init_upstream(&outbound.upstream_name());
         upstreams.push(Arc::new(Upstream {
             name: outbound.upstream_name().into(),
             server_name: outbound.server_name().into(),

@@ -559,15 +559,19 @@ pub fn targets_text(targets: &[Target]) -> String {
     out
 }
 
-/// Percentile curve points (x = -log10(1 - p), latency ns) up to what the sample count
-/// supports: with n samples, percentiles beyond 1 - 1/n are the maximum.
+/// Where curves start: the median (x = -log10(1 - 0.5)). Below it every setup is flat, and
+/// the minimum would only stretch the latency axis.
+const CURVE_START: f64 = std::f64::consts::LOG10_2;
+
+/// Percentile curve points (x = -log10(1 - p), latency ns) from p50 up to what the sample
+/// count supports: with n samples, percentiles beyond 1 - 1/n are the maximum.
 fn curve(result: &SetupResult) -> Vec<(f64, u64)> {
     let n = result.histogram.len().max(1) as f64;
-    let x_max = n.log10().clamp(0.5, 5.0);
-    let steps = (x_max * 40.0).ceil() as usize;
+    let x_max = n.log10().clamp(1.0, 5.0);
+    let steps = ((x_max - CURVE_START) * 40.0).ceil() as usize;
     (0..=steps)
         .map(|i| {
-            let x = x_max * i as f64 / steps as f64;
+            let x = CURVE_START + (x_max - CURVE_START) * i as f64 / steps as f64;
             let p = (1.0 - 10f64.powf(-x)) * 100.0;
             (x, result.histogram.value_at_percentile(p))
         })
@@ -773,7 +777,7 @@ pub fn svg(scenarios: &[ScenarioResult], subtitle: &str) -> String {
             .unwrap_or(10)
             .max(10) as f64;
         let (ly0, ly1) = ((lo * 0.8).log10(), (hi * 1.25).log10());
-        let sx = |x: f64| x0 + (x1 - x0) * x / x_max;
+        let sx = |x: f64| x0 + (x1 - x0) * (x - CURVE_START) / (x_max - CURVE_START);
         let sy = |ns: f64| y0 - (y0 - y1) * (ns.max(1.0).log10() - ly0) / (ly1 - ly0);
         let _ = writeln!(
             out,
@@ -782,6 +786,14 @@ pub fn svg(scenarios: &[ScenarioResult], subtitle: &str) -> String {
             oy + 18.0,
             escape(&scenario.name)
         );
+        if matches!(scenario.load, Load::Stream { .. }) {
+            let _ = writeln!(
+                out,
+                r##"<text x="{}" y="{}" fill="#555">(gaps between consecutive messages)</text>"##,
+                x0 + 100.0,
+                oy + 18.0
+            );
+        }
         let _ = writeln!(
             out,
             r##"<rect x="{x0}" y="{y1}" width="{}" height="{}" fill="none" stroke="#999"/>"##,
@@ -798,19 +810,18 @@ pub fn svg(scenarios: &[ScenarioResult], subtitle: &str) -> String {
                 fmt_ns(tick as u64)
             );
         }
-        let labels = ["min", "90", "99", "99.9", "99.99", "99.999"];
-        for (i, label) in labels.iter().enumerate().take(x_max as usize + 1) {
-            let x = sx(i as f64);
+        let labels = ["90", "99", "99.9", "99.99", "99.999"];
+        for (i, label) in labels.iter().enumerate().take(x_max as usize) {
+            let x = sx(i as f64 + 1.0);
             let _ = writeln!(
                 out,
                 r##"<line x1="{x:.1}" y1="{y1}" x2="{x:.1}" y2="{y0}" stroke="#e4e4e4"/><text x="{x:.1}" y="{}" text-anchor="middle" fill="#333">{label}</text>"##,
                 y0 + 14.0
             );
         }
-        let x50 = sx(2f64.log10());
         let _ = writeln!(
             out,
-            r##"<line x1="{x50:.1}" y1="{y1}" x2="{x50:.1}" y2="{y0}" stroke="#cfcfcf" stroke-dasharray="3,3"/><text x="{x50:.1}" y="{}" text-anchor="middle" fill="#333">50</text>"##,
+            r##"<text x="{x0}" y="{}" text-anchor="middle" fill="#333">50</text>"##,
             y0 + 14.0
         );
         let _ = writeln!(

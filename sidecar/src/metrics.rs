@@ -282,15 +282,21 @@ impl Metrics {
     /// Creates the process-wide series at zero (see [`Metrics::init_upstream`]).
     pub fn init_process(&self) {
         for direction in ["outbound", "inbound"] {
-            self.quic_connections_opened
-                .get_or_create(&DirectionLabels { direction });
-            self.quic_connections_lost
-                .get_or_create(&DirectionLabels { direction });
+            drop(
+                self.quic_connections_opened
+                    .get_or_create(&DirectionLabels { direction }),
+            );
+            drop(
+                self.quic_connections_lost
+                    .get_or_create(&DirectionLabels { direction }),
+            );
         }
         for source in ["file", "configmap"] {
             for result in ["applied", "rejected"] {
-                self.config_reloads
-                    .get_or_create(&ReloadLabels { source, result });
+                drop(
+                    self.config_reloads
+                        .get_or_create(&ReloadLabels { source, result }),
+                );
             }
         }
     }

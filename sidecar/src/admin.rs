@@ -56,6 +56,9 @@ async fn route(
     }
     Ok(match request.uri().path() {
         "/live" => text(StatusCode::OK, "live\n".to_string()),
+        "/endpoints" if request.uri().query() == Some("summary") => {
+            json(StatusCode::OK, endpoints_summary(&state))
+        }
         "/endpoints" => json(StatusCode::OK, endpoints_view(&state)),
         "/metrics" => {
             refresh_gauges(&state);
@@ -100,6 +103,30 @@ fn refresh_gauges(state: &AdminState) {
                 .set(members.len() as i64);
         }
     }
+}
+
+/// Per upstream, how many endpoints each tier has: cheap to poll even for huge Services.
+fn endpoints_summary(state: &AdminState) -> serde_json::Value {
+    let upstreams: Vec<serde_json::Value> = state
+        .upstreams
+        .iter()
+        .map(|(name, ranking)| {
+            let ranking = ranking.borrow().clone();
+            let tiers: serde_json::Map<String, serde_json::Value> = ranking
+                .tiers
+                .iter()
+                .map(|(tier, members)| (tier.as_str().to_string(), members.len().into()))
+                .collect();
+            serde_json::json!({
+                "upstream": &**name,
+                "synced": ranking.synced,
+                "endpoints": ranking.endpoints().count(),
+                "ejected": ranking.ejected(),
+                "tiers": tiers,
+            })
+        })
+        .collect();
+    serde_json::json!({ "upstreams": upstreams })
 }
 
 /// Per upstream, its endpoints in the order they are tried: best tier first.

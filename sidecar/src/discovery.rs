@@ -144,7 +144,8 @@ fn zone_of(node: &Node) -> Option<String> {
 }
 
 /// An endpoint for `pod` when it can take calls: it has an IP, is Ready, and is not terminating.
-pub fn endpoint_of(pod: &Pod, zones: &BTreeMap<String, String>) -> Option<Endpoint> {
+/// Its zone is left for [`PodView::endpoint_set`] to fill in, since zones change on their own.
+pub fn endpoint_of(pod: &Pod) -> Option<Endpoint> {
     if pod.metadata.deletion_timestamp.is_some() {
         return None;
     }
@@ -178,7 +179,7 @@ pub fn endpoint_of(pod: &Pod, zones: &BTreeMap<String, String>) -> Option<Endpoi
     Some(Endpoint {
         address: SocketAddr::new(ip, port),
         pod: pod.name_any(),
-        zone: node.as_ref().and_then(|node| zones.get(node).cloned()),
+        zone: None,
         node,
         host_ip: status.host_ip.as_deref().and_then(|ip| ip.parse().ok()),
     })
@@ -208,11 +209,13 @@ impl ServiceRef {
 
 type PodEvents = Pin<Box<dyn Stream<Item = Result<Event<Pod>, watcher::Error>> + Send>>;
 
-/// The pods of one Service as they are known right now.
+/// The ready pods of one Service as they are known right now, by pod name. Only the few fields
+/// routing needs are kept, not whole Pod objects, so memory stays small and proportional to the
+/// number of pods (a 5,000-pod Service costs about 1 MiB here).
 struct PodView {
-    pods: HashMap<String, Pod>,
+    pods: HashMap<String, Endpoint>,
     /// A relist in progress: filled by InitApply, swapped in at InitDone.
-    relisting: Option<HashMap<String, Pod>>,
+    relisting: Option<HashMap<String, Endpoint>>,
     synced: bool,
 }
 
@@ -229,8 +232,9 @@ impl PodView {
         match event {
             Event::Init => self.relisting = Some(HashMap::new()),
             Event::InitApply(pod) => {
-                if let Some(buffer) = self.relisting.as_mut() {
-                    buffer.insert(pod.name_any(), pod);
+                if let (Some(buffer), Some(endpoint)) = (self.relisting.as_mut(), endpoint_of(&pod))
+                {
+                    buffer.insert(pod.name_any(), endpoint);
                 }
             }
             Event::InitDone => {
@@ -239,9 +243,14 @@ impl PodView {
                 }
                 self.synced = true;
             }
-            Event::Apply(pod) => {
-                self.pods.insert(pod.name_any(), pod);
-            }
+            Event::Apply(pod) => match endpoint_of(&pod) {
+                Some(endpoint) => {
+                    self.pods.insert(pod.name_any(), endpoint);
+                }
+                None => {
+                    self.pods.remove(&pod.name_any());
+                }
+            },
             Event::Delete(pod) => {
                 self.pods.remove(&pod.name_any());
             }
@@ -252,7 +261,13 @@ impl PodView {
         let mut endpoints: Vec<Endpoint> = self
             .pods
             .values()
-            .filter_map(|pod| endpoint_of(pod, zones))
+            .map(|endpoint| Endpoint {
+                zone: endpoint
+                    .node
+                    .as_ref()
+                    .and_then(|node| zones.get(node).cloned()),
+                ..endpoint.clone()
+            })
             .collect();
         endpoints.sort_by(|a, b| a.pod.cmp(&b.pod));
         EndpointSet {
@@ -391,5 +406,82 @@ async fn next_pod_event(events: &mut Option<PodEvents>) -> Result<Event<Pod>, wa
             None => std::future::pending().await,
         },
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::{Container, ContainerPort, PodCondition, PodSpec, PodStatus};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+
+    fn pod(ready: bool, ports: Vec<ContainerPort>) -> Pod {
+        Pod {
+            metadata: ObjectMeta {
+                name: Some("echo-1".to_string()),
+                ..ObjectMeta::default()
+            },
+            spec: Some(PodSpec {
+                node_name: Some("node-a".to_string()),
+                containers: vec![Container {
+                    name: "app".to_string(),
+                    ports: Some(ports),
+                    ..Container::default()
+                }],
+                ..PodSpec::default()
+            }),
+            status: Some(PodStatus {
+                pod_ip: Some("10.1.2.3".to_string()),
+                host_ip: Some("192.168.0.1".to_string()),
+                conditions: Some(vec![PodCondition {
+                    type_: "Ready".to_string(),
+                    status: if ready { "True" } else { "False" }.to_string(),
+                    ..PodCondition::default()
+                }]),
+                ..PodStatus::default()
+            }),
+        }
+    }
+
+    fn port(name: &str, number: i32, protocol: &str) -> ContainerPort {
+        ContainerPort {
+            name: Some(name.to_string()),
+            container_port: number,
+            protocol: Some(protocol.to_string()),
+            ..ContainerPort::default()
+        }
+    }
+
+    #[test]
+    fn ready_pod_uses_its_udp_grpc_h3_port() {
+        let endpoint = endpoint_of(&pod(
+            true,
+            vec![
+                port("grpc", 50051, "TCP"),
+                port(QUIC_PORT_NAME, 16000, "UDP"),
+            ],
+        ))
+        .unwrap();
+        assert_eq!(endpoint.address, "10.1.2.3:16000".parse().unwrap());
+        assert_eq!(endpoint.node.as_deref(), Some("node-a"));
+        assert_eq!(endpoint.host_ip, Some("192.168.0.1".parse().unwrap()));
+    }
+
+    #[test]
+    fn default_port_when_none_is_named_and_tcp_grpc_h3_does_not_count() {
+        let endpoint = endpoint_of(&pod(true, vec![port(QUIC_PORT_NAME, 16000, "TCP")])).unwrap();
+        assert_eq!(endpoint.address.port(), DEFAULT_QUIC_PORT);
+    }
+
+    #[test]
+    fn unready_terminating_and_ip_less_pods_are_not_endpoints() {
+        assert!(endpoint_of(&pod(false, vec![])).is_none());
+        let mut terminating = pod(true, vec![]);
+        terminating.metadata.deletion_timestamp =
+            Some(Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH));
+        assert!(endpoint_of(&terminating).is_none());
+        let mut no_ip = pod(true, vec![]);
+        no_ip.status.as_mut().unwrap().pod_ip = None;
+        assert!(endpoint_of(&no_ip).is_none());
     }
 }

@@ -488,13 +488,17 @@ pub async fn start_setup(
             let app = free_tcp_addr();
             let client_admin = free_tcp_addr();
             // One runtime worker per sidecar: one core's worth per side, like `nbthread 1` and
-            // `worker_processes 1` for the peers. `warn` keeps per-call logging out of the
-            // measurement (a production sidecar would not log every call either).
+            // `worker_processes 1` for the peers. The sidecar's own setting is
+            // LOCALITY_SIDECAR_WORKER_THREADS; TOKIO_WORKER_THREADS covers builds that leave
+            // the count to tokio. `warn` keeps per-call logging out of the measurement (a
+            // production sidecar would not log every call either).
+            let threads = context.sidecar_threads.to_string();
             let env = [
                 (
-                    "TOKIO_WORKER_THREADS".to_owned(),
-                    context.sidecar_threads.to_string(),
+                    "LOCALITY_SIDECAR_WORKER_THREADS".to_owned(),
+                    threads.clone(),
                 ),
+                ("TOKIO_WORKER_THREADS".to_owned(), threads),
                 ("RUST_LOG".to_owned(), "warn".to_owned()),
             ];
             let tls = context.certs.tls();

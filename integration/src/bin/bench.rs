@@ -68,8 +68,12 @@ struct Args {
     /// Open-loop rate in calls/s [default: 80% of the sidecar's unary-256B-c128 throughput].
     #[arg(long)]
     rate: Option<f64>,
-    /// Tokio worker threads per sidecar process (TOKIO_WORKER_THREADS); 1 matches the peers'
-    /// one thread (HAProxy) or one worker process (nginx) per side.
+    /// Without --rate: the open-loop rate as a fraction of the sidecar's unary-256B-c128
+    /// throughput.
+    #[arg(long, default_value_t = 0.8, value_name = "FRACTION")]
+    rate_fraction: f64,
+    /// Worker threads per sidecar process (LOCALITY_SIDECAR_WORKER_THREADS); 1 matches the
+    /// peers' one thread (HAProxy) or one worker process (nginx) per side.
     #[arg(long, default_value_t = 1)]
     sidecar_threads: usize,
     /// Runtime worker threads of the load generator (this process) [default: one per CPU].
@@ -108,8 +112,6 @@ struct Scenario {
 
 const SMALL: usize = 256;
 const LARGE: usize = 64 * 1024;
-/// The open-loop rate as a fraction of the sidecar's closed-loop c=128 throughput.
-const OPEN_LOOP_FRACTION: f64 = 0.8;
 /// Payload of each server-stream message: small, so per-message cost dominates.
 const STREAM_MESSAGE_SIZE: usize = 32;
 
@@ -132,11 +134,11 @@ fn scenarios(args: &Args) -> Vec<Scenario> {
         name: "open-loop-256B".into(),
         about: format!(
             "open loop: unary 256 B calls started at a fixed rate ({:.0}% of the sidecar's unary-256B-c128 throughput), latency from the scheduled start",
-            OPEN_LOOP_FRACTION * 100.0
+            args.rate_fraction * 100.0
         ),
         load: Load::Open {
             size: SMALL,
-            fraction: OPEN_LOOP_FRACTION,
+            fraction: args.rate_fraction,
         },
     });
     let messages = args
@@ -533,6 +535,11 @@ async fn run(args: Args, sidecar_binary: PathBuf, echo_binary: PathBuf) -> anyho
     let duration = args.duration.unwrap_or(if args.quick { 1.0 } else { 4.5 });
     if !(duration > 0.0 && duration.is_finite()) {
         bail!("--duration must be a positive number of seconds");
+    }
+    if !(args.rate_fraction > 0.0 && args.rate_fraction.is_finite())
+        || args.rate.is_some_and(|r| !(r > 0.0 && r.is_finite()))
+    {
+        bail!("--rate and --rate-fraction must be positive numbers");
     }
     let mut setups = Vec::new();
     for name in &args.setups {

@@ -177,7 +177,7 @@ pub async fn attempt(
     // was abandoned for a retry.
     let (stop_sender, mut stop) = oneshot::channel::<H3Code>();
     let upstream_name = target.upstream.clone();
-    tokio::spawn(async move {
+    let mut pump = Box::pin(async move {
         let ended = {
             let pump = source.send_into(&mut send);
             tokio::pin!(pump);
@@ -192,6 +192,13 @@ pub async fn attempt(
             Err(code) => send.reset(code),
         }
     });
+    // The first poll happens here, before this task yields: a request whose body is already
+    // in (most unary calls) then leaves in the same QUIC packet as its headers, and needs no
+    // task of its own. Only a body still arriving gets one.
+    let pumped = std::future::poll_fn(|cx| Poll::Ready(pump.as_mut().poll(cx).is_ready())).await;
+    if !pumped {
+        tokio::spawn(pump);
+    }
 
     let head = match within(call.deadline, recv.recv_response()).await {
         None => return AttemptOutcome::DeadlineExceeded,

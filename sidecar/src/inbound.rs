@@ -75,7 +75,9 @@ impl AppClient {
             hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
         crate::h2_settings::client(&mut builder);
         let (sender, connection) = builder
-            .handshake(hyper_util::rt::TokioIo::new(stream))
+            .handshake(hyper_util::rt::TokioIo::new(
+                crate::batched_io::BatchedWrites::new(stream),
+            ))
             .await
             .map_err(|e| failed(format!("HTTP/2 handshake failed: {e}")))?;
         let address = self.address;

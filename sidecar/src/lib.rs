@@ -8,6 +8,7 @@
 
 pub mod admin;
 pub mod attempt;
+pub mod batched_io;
 pub mod body;
 pub mod certs;
 pub mod config;

@@ -74,7 +74,10 @@ pub async fn serve(
             async move { Ok::<_, Infallible>(crate::retry::handle_call(upstream, request).await) }
         });
         let connection =
-            graceful.watch(builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service));
+            graceful.watch(builder.serve_connection(
+                hyper_util::rt::TokioIo::new(crate::batched_io::BatchedWrites::new(stream)),
+                service,
+            ));
         tokio::spawn(async move {
             if let Err(error) = connection.await {
                 tracing::debug!(%peer, %error, "app connection ended with an error");

@@ -72,7 +72,7 @@ impl AppClient {
             .map_err(|e| failed(format!("connect failed: {e}")))?;
         let _ = stream.set_nodelay(true);
         let mut builder =
-            hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
+            hyper::client::conn::http2::Builder::new(crate::h2_settings::BoxingExecutor);
         crate::h2_settings::client(&mut builder);
         let (sender, connection) = builder
             .handshake(hyper_util::rt::TokioIo::new(
@@ -160,7 +160,9 @@ async fn serve_connection(connection: quinn::Connection, app: Arc<AppClient>) {
         match h3_connection.accept().await {
             Ok(Some(resolver)) => {
                 let app = app.clone();
-                tokio::spawn(async move {
+                // Boxed: the call's future is 5 KiB, which a task would copy on spawn and again
+                // at its end (see `h2_settings::BoxingExecutor`).
+                tokio::spawn(Box::pin(async move {
                     match resolver.resolve_request().await {
                         Ok((request, stream)) => {
                             let (send, recv) = stream.split();
@@ -168,7 +170,7 @@ async fn serve_connection(connection: quinn::Connection, app: Arc<AppClient>) {
                         }
                         Err(error) => tracing::debug!(%remote, %error, "peer request unreadable"),
                     }
-                });
+                }));
             }
             Ok(None) => break,
             Err(error) => {

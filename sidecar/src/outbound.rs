@@ -52,7 +52,7 @@ pub async fn serve(
 ) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut builder =
-        hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
+        hyper::server::conn::http2::Builder::new(crate::h2_settings::BoxingExecutor);
     crate::h2_settings::server(&mut builder);
     loop {
         let (stream, peer) = tokio::select! {

@@ -91,13 +91,13 @@ fn refresh_gauges(state: &AdminState) {
         let ranking = ranking.borrow().clone();
         metrics
             .ejected_endpoints
-            .get_or_create(&crate::metrics::upstream(name))
+            .get_or_create(&crate::metrics::upstream(name.clone()))
             .set(ranking.ejected() as i64);
         for (tier, members) in &ranking.tiers {
             metrics
                 .endpoints
                 .get_or_create(&crate::metrics::TierLabels {
-                    upstream: name.to_string(),
+                    upstream: name.clone(),
                     tier: tier.as_str(),
                 })
                 .set(members.len() as i64);

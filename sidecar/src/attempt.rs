@@ -10,6 +10,7 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use h3::error::Code as H3Code;
+use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderMap, HeaderValue, Method, Request, Response};
 use http_body::{Body, Frame};
 use tokio::sync::oneshot;
@@ -28,7 +29,7 @@ type UpstreamRecv = h3::client::RequestStream<h3_quinn::RecvStream, Bytes>;
 /// What every attempt of a call sends: method, path and metadata as the app sent them.
 pub struct CallRequest {
     pub method: Method,
-    pub path: String,
+    pub path: PathAndQuery,
     pub headers: HeaderMap,
     pub deadline: Option<Instant>,
 }
@@ -37,6 +38,7 @@ pub struct CallRequest {
 pub struct AttemptTarget<'a> {
     pub upstream: &'a Arc<str>,
     pub server_name: &'a Arc<str>,
+    pub authority: &'a Authority,
     pub pool: &'a ConnectionPool,
     pub endpoint: Arc<RankedEndpoint>,
 }
@@ -96,18 +98,18 @@ async fn within<F: Future>(deadline: Option<Instant>, future: F) -> Option<F::Ou
 /// `grpc-previous-rpc-attempts` on retries, our server name as `:authority`.
 fn upstream_request(
     call: &CallRequest,
-    server_name: &str,
+    authority: &Authority,
     previous_attempts: u32,
 ) -> Result<Request<()>, String> {
-    let uri = http::Uri::builder()
-        .scheme("https")
-        .authority(server_name)
-        .path_and_query(call.path.as_str())
-        .build()
-        .map_err(|e| format!("cannot forward path {:?}: {e}", call.path))?;
+    let mut uri = http::uri::Parts::default();
+    uri.scheme = Some(Scheme::HTTPS);
+    uri.authority = Some(authority.clone());
+    uri.path_and_query = Some(call.path.clone());
     let mut request = Request::new(());
     *request.method_mut() = call.method.clone();
-    *request.uri_mut() = uri;
+    // Scheme, authority and path were each parsed already, so only their combination is checked.
+    *request.uri_mut() = http::Uri::from_parts(uri)
+        .map_err(|e| format!("cannot forward path {:?}: {e}", call.path.as_str()))?;
     let mut headers = call.headers.clone();
     if let Some(deadline) = call.deadline {
         let remaining = deadline.saturating_duration_since(Instant::now());
@@ -152,7 +154,7 @@ pub async fn attempt(
         Some(Err(error)) => return AttemptOutcome::NotSent(label(&error)),
         Some(Ok(sender)) => sender,
     };
-    let request = match upstream_request(call, target.server_name, previous_attempts) {
+    let request = match upstream_request(call, target.authority, previous_attempts) {
         Ok(request) => request,
         Err(reason) => {
             return AttemptOutcome::Failed {

@@ -5,8 +5,6 @@
 //! bytes one call may have in flight (enough for full speed, small enough to bound memory when
 //! the reader stalls).
 
-
-
 const MAX_CONCURRENT_STREAMS: u32 = 8192;
 const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
 const CONNECTION_WINDOW: u32 = 32 * 1024 * 1024;

@@ -7,7 +7,8 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use h3::error::Code as H3Code;
-use http::{Request, Response};
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{Request, Response, Uri};
 use http_body::Body;
 use hyper::body::Incoming;
 use tokio::time::Instant;
@@ -33,17 +34,20 @@ pub struct AppError {
 /// One multiplexed h2c connection to the local app, re-opened when it drops (app restart).
 pub struct AppClient {
     address: SocketAddr,
+    /// `address` as the `:authority` of every forwarded call, parsed once.
+    authority: Authority,
     live: Mutex<Option<AppSender>>,
     connecting: tokio::sync::Mutex<()>,
 }
 
 impl AppClient {
-    pub fn new(address: SocketAddr) -> AppClient {
-        AppClient {
+    pub fn new(address: SocketAddr) -> Result<AppClient, http::uri::InvalidUri> {
+        Ok(AppClient {
             address,
+            authority: Authority::try_from(address.to_string().as_str())?,
             live: Mutex::new(None),
             connecting: tokio::sync::Mutex::new(()),
-        }
+        })
     }
 
     fn current(&self) -> Option<AppSender> {
@@ -192,20 +196,20 @@ async fn handle_call(request: Request<()>, mut send: PeerSend, recv: PeerRecv, a
         .map(|timeout| arrived + timeout);
     let (mut parts, ()) = request.into_parts();
     strip_hop_by_hop(&mut parts.headers);
-    let path = parts
-        .uri
-        .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/");
-    let uri = match http::Uri::builder()
-        .scheme("http")
-        .authority(app.address.to_string())
-        .path_and_query(path)
-        .build()
-    {
+    let mut uri = http::uri::Parts::default();
+    uri.scheme = Some(Scheme::HTTP);
+    uri.authority = Some(app.authority.clone());
+    uri.path_and_query = Some(
+        parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/")),
+    );
+    let uri = match Uri::from_parts(uri) {
         Ok(uri) => uri,
         Err(error) => {
-            let message = format!("cannot forward path {path:?}: {error}");
+            let message = format!("cannot forward {}: {error}", parts.uri);
             send_status(&mut send, Code::Internal, &message).await;
             return;
         }

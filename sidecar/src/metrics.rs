@@ -6,7 +6,7 @@
 //! from configuration (upstream names); method names are capped (see [`method_label`]).
 
 use std::collections::HashSet;
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -17,27 +17,27 @@ use prometheus_client::registry::{Registry, Unit};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CallLabels {
-    pub upstream: String,
-    pub method: String,
+    pub upstream: Arc<str>,
+    pub method: Arc<str>,
     pub status: &'static str,
     pub tier: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AttemptLabels {
-    pub upstream: String,
+    pub upstream: Arc<str>,
     pub tier: &'static str,
     pub status: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct UpstreamLabels {
-    pub upstream: String,
+    pub upstream: Arc<str>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TierLabels {
-    pub upstream: String,
+    pub upstream: Arc<str>,
     pub tier: &'static str,
 }
 
@@ -93,7 +93,7 @@ pub struct Metrics {
     pub discovery_events: Family<DiscoveryLabels, Counter>,
     pub discovery_last_event: Family<UpstreamLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     pub endpoints: Family<TierLabels, Gauge>,
-    seen_methods: Mutex<HashSet<String>>,
+    seen_methods: Mutex<HashSet<Arc<str>>>,
 }
 
 /// Distinct method label values kept before new ones are reported as `other`.
@@ -234,19 +234,20 @@ impl Metrics {
     /// The `method` label for a call path: the path itself while the number of distinct methods
     /// stays small, `other` beyond that, so a client sending random paths cannot blow up the
     /// metric's cardinality.
-    pub fn method_label(&self, path: &str) -> String {
+    pub fn method_label(&self, path: &str) -> Arc<str> {
         let mut seen = self
             .seen_methods
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if seen.contains(path) {
-            return path.to_string();
+        if let Some(label) = seen.get(path) {
+            return label.clone();
         }
         if seen.len() < MAX_METHODS && path.len() <= 200 {
-            seen.insert(path.to_string());
-            return path.to_string();
+            let label: Arc<str> = Arc::from(path);
+            seen.insert(label.clone());
+            return label;
         }
-        "other".to_string()
+        Arc::from("other")
     }
 }
 
@@ -267,14 +268,14 @@ impl Metrics {
         drop(self.call_duration.get_or_create(&labels));
         for tier in ["node", "zone", "any"] {
             let labels = TierLabels {
-                upstream: name.to_string(),
+                upstream: name.into(),
                 tier,
             };
             drop(self.fallthroughs.get_or_create(&labels));
             drop(self.endpoints.get_or_create(&labels));
         }
         drop(self.discovery_events.get_or_create(&DiscoveryLabels {
-            upstream: name.to_string(),
+            upstream: name.into(),
             kind: "applied",
         }));
     }
@@ -308,8 +309,8 @@ pub fn metrics() -> &'static Metrics {
     METRICS.get_or_init(Metrics::new)
 }
 
-pub fn upstream(name: &str) -> UpstreamLabels {
+pub fn upstream(name: impl Into<Arc<str>>) -> UpstreamLabels {
     UpstreamLabels {
-        upstream: name.to_string(),
+        upstream: name.into(),
     }
 }

@@ -35,6 +35,8 @@ pub struct Upstream {
     pub name: Arc<str>,
     /// The name upstream certificates must carry; also the `:authority` of forwarded calls.
     pub server_name: Arc<str>,
+    /// `server_name`, parsed once: every forwarded call carries it.
+    pub authority: http::uri::Authority,
     pub ranking: RankingWatch,
     pub pool: Arc<ConnectionPool>,
     pub policy: PolicyWatch,
@@ -51,8 +53,7 @@ pub async fn serve(
     drain: Duration,
 ) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let mut builder =
-        hyper::server::conn::http2::Builder::new(crate::h2_settings::BoxingExecutor);
+    let mut builder = hyper::server::conn::http2::Builder::new(crate::h2_settings::BoxingExecutor);
     crate::h2_settings::server(&mut builder);
     loop {
         let (stream, peer) = tokio::select! {
@@ -73,11 +74,10 @@ pub async fn serve(
             let upstream = upstream.clone();
             async move { Ok::<_, Infallible>(crate::retry::handle_call(upstream, request).await) }
         });
-        let connection =
-            graceful.watch(builder.serve_connection(
-                hyper_util::rt::TokioIo::new(crate::batched_io::BatchedWrites::new(stream)),
-                service,
-            ));
+        let connection = graceful.watch(builder.serve_connection(
+            hyper_util::rt::TokioIo::new(crate::batched_io::BatchedWrites::new(stream)),
+            service,
+        ));
         tokio::spawn(async move {
             if let Err(error) = connection.await {
                 tracing::debug!(%peer, %error, "app connection ended with an error");

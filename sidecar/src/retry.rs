@@ -10,6 +10,7 @@
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
+use http::uri::PathAndQuery;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use tokio::time::Instant;
@@ -71,8 +72,12 @@ pub async fn handle_call(
     let arrived = Instant::now();
     let (parts, body) = request.into_parts();
     let live = upstream.policy.borrow().clone();
-    let path = parts.uri.path().to_string();
-    let method_config = live.service_config.for_path(&path);
+    let path = parts
+        .uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    let method_config = live.service_config.for_path(path.path());
     let retry_policy: Option<RetryPolicy> = method_config.and_then(|config| config.retry.clone());
     let throttling = live.service_config.throttling.clone();
     let client_deadline = parts
@@ -97,8 +102,8 @@ pub async fn handle_call(
     };
     let source = RequestSource::new(body, PER_CALL_LIMIT, upstream.replay_budget.clone());
     let metrics = metrics();
-    let method_label = metrics.method_label(&call.path);
-    let upstream_label = metrics::upstream(&upstream.name);
+    let method_label = metrics.method_label(call.path.path());
+    let upstream_label = metrics::upstream(upstream.name.clone());
 
     let mut tried: Vec<SocketAddr> = Vec::new();
     let mut counted_attempts = 0u32;
@@ -125,7 +130,7 @@ pub async fn handle_call(
                 metrics
                     .fallthroughs
                     .get_or_create(&TierLabels {
-                        upstream: upstream.name.to_string(),
+                        upstream: upstream.name.clone(),
                         tier,
                     })
                     .inc();
@@ -137,7 +142,7 @@ pub async fn handle_call(
         }
         let record = CallRecord {
             labels: CallLabels {
-                upstream: upstream.name.to_string(),
+                upstream: upstream.name.clone(),
                 method: method_label.clone(),
                 status: "OK",
                 tier,
@@ -147,6 +152,7 @@ pub async fn handle_call(
         let target = AttemptTarget {
             upstream: &upstream.name,
             server_name: &upstream.server_name,
+            authority: &upstream.authority,
             pool: &upstream.pool,
             endpoint: endpoint.clone(),
         };
@@ -154,7 +160,7 @@ pub async fn handle_call(
         metrics
             .attempt_duration
             .get_or_create(&TierLabels {
-                upstream: upstream.name.to_string(),
+                upstream: upstream.name.clone(),
                 tier,
             })
             .observe(started.elapsed().as_secs_f64());
@@ -289,11 +295,11 @@ pub async fn handle_call(
     }
 }
 
-fn count_attempt(upstream: &str, tier: &'static str, status: &'static str) {
+fn count_attempt(upstream: &Arc<str>, tier: &'static str, status: &'static str) {
     metrics()
         .attempts
         .get_or_create(&AttemptLabels {
-            upstream: upstream.to_string(),
+            upstream: upstream.clone(),
             tier,
             status,
         })
@@ -303,7 +309,7 @@ fn count_attempt(upstream: &str, tier: &'static str, status: &'static str) {
 /// Records a call that ends with a status the sidecar returns without streaming a body.
 fn finish(
     upstream: &Upstream,
-    method: &str,
+    method: &Arc<str>,
     tier: &'static str,
     arrived: Instant,
     response: Response<ResponseBody>,
@@ -312,12 +318,12 @@ fn finish(
     let metrics = metrics();
     metrics
         .call_duration
-        .get_or_create(&metrics::upstream(&upstream.name))
+        .get_or_create(&metrics::upstream(upstream.name.clone()))
         .observe(arrived.elapsed().as_secs_f64());
     CallRecord {
         labels: CallLabels {
-            upstream: upstream.name.to_string(),
-            method: method.to_string(),
+            upstream: upstream.name.clone(),
+            method: method.clone(),
             status: "OK",
             tier,
         },

@@ -156,10 +156,18 @@ pub async fn start(config: Config, options: StartOptions) -> Result<Running, Sta
                 message: "outbound upstreams need TLS".to_string(),
             });
         };
+        let server_name = outbound.server_name();
+        let authority = http::uri::Authority::try_from(server_name).map_err(|error| {
+            StartError::Unsupported {
+                field: "outbound[].serverName".to_string(),
+                message: format!("{server_name:?} cannot be an HTTP authority: {error}"),
+            }
+        })?;
         crate::metrics::metrics().init_upstream(&outbound.upstream_name());
         upstreams.push(Arc::new(Upstream {
             name: outbound.upstream_name().into(),
-            server_name: outbound.server_name().into(),
+            server_name: server_name.into(),
+            authority,
             ranking: spawn_ranking(source, locality.0.clone(), tiers.clone()),
             pool,
             policy: policy.clone(),
@@ -210,10 +218,11 @@ pub async fn start(config: Config, options: StartOptions) -> Result<Running, Sta
         Some((endpoint, forward)) => {
             bound.inbound = endpoint.local_addr().ok();
             tracing::info!(listen = ?bound.inbound, %forward, "inbound QUIC listener serving");
-            tokio::spawn(crate::inbound::serve(
-                endpoint.clone(),
-                Arc::new(AppClient::new(forward)),
-            ));
+            let app = AppClient::new(forward).map_err(|error| StartError::Unsupported {
+                field: "inbound.forward".to_string(),
+                message: format!("{forward} cannot be an HTTP authority: {error}"),
+            })?;
+            tokio::spawn(crate::inbound::serve(endpoint.clone(), Arc::new(app)));
             Some(endpoint)
         }
         None => None,

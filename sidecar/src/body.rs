@@ -15,7 +15,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
-use bytes::{Buf, Bytes};
+use bytes::{Buf, Bytes, BytesMut};
 use h3::error::{Code as H3Code, StreamError};
 use http::HeaderMap;
 use http_body::{Body, Frame};
@@ -148,10 +148,21 @@ enum RecvState {
     Done,
 }
 
+/// At most this many already-received bytes are merged into one DATA frame for the HTTP/2 side.
+const GATHER_LIMIT: usize = 64 * 1024;
+
+type DataPoll = Result<Option<Bytes>, StreamError>;
+
 /// An HTTP/3 stream's incoming body (DATA frames, then trailers) as an `http_body::Body`.
+///
+/// QUIC hands data over in packet-sized chunks (~1.2 KiB). Passed on one by one, each would
+/// become its own HTTP/2 DATA frame and socket write, about 50 for a 64 KiB message; so the
+/// chunks that have already arrived are merged into one frame. Nothing waits for more data.
 pub struct H3RecvBody<R> {
     recv: R,
     state: RecvState,
+    /// What the stream said after the last merged chunk (its end, or an error), due next.
+    stashed: Option<DataPoll>,
 }
 
 impl<R: H3Recv> H3RecvBody<R> {
@@ -159,6 +170,39 @@ impl<R: H3Recv> H3RecvBody<R> {
         H3RecvBody {
             recv,
             state: RecvState::Data,
+            stashed: None,
+        }
+    }
+
+    /// `first`, followed by whatever further data is already buffered, up to [`GATHER_LIMIT`].
+    fn gather(&mut self, first: Bytes, cx: &mut Context<'_>) -> Bytes {
+        let mut merged: Option<BytesMut> = None;
+        loop {
+            let size = merged.as_ref().map_or(first.len(), |m| m.len());
+            if size >= GATHER_LIMIT {
+                break;
+            }
+            match self.recv.poll_data(cx) {
+                Poll::Pending => break,
+                Poll::Ready(Ok(Some(more))) => {
+                    let merged = merged.get_or_insert_with(|| {
+                        // Room for a few more chunks; a longer run grows it by doubling.
+                        let room = (4 * (size + more.len())).min(GATHER_LIMIT);
+                        let mut buffer = BytesMut::with_capacity(room);
+                        buffer.extend_from_slice(&first);
+                        buffer
+                    });
+                    merged.extend_from_slice(&more);
+                }
+                Poll::Ready(end) => {
+                    self.stashed = Some(end);
+                    break;
+                }
+            }
+        }
+        match merged {
+            Some(merged) => merged.freeze(),
+            None => first,
         }
     }
 }
@@ -174,15 +218,24 @@ impl<R: H3Recv> Body for H3RecvBody<R> {
         let this = self.get_mut();
         loop {
             match this.state {
-                RecvState::Data => match ready!(this.recv.poll_data(cx)) {
-                    Ok(Some(data)) if data.is_empty() => continue,
-                    Ok(Some(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
-                    Ok(None) => this.state = RecvState::Trailers,
-                    Err(error) => {
-                        this.state = RecvState::Done;
-                        return Poll::Ready(Some(Err(StreamFailure::from_stream_error(error))));
+                RecvState::Data => {
+                    let next = match this.stashed.take() {
+                        Some(stashed) => stashed,
+                        None => ready!(this.recv.poll_data(cx)),
+                    };
+                    match next {
+                        Ok(Some(data)) if data.is_empty() => continue,
+                        Ok(Some(data)) => {
+                            let data = this.gather(data, cx);
+                            return Poll::Ready(Some(Ok(Frame::data(data))));
+                        }
+                        Ok(None) => this.state = RecvState::Trailers,
+                        Err(error) => {
+                            this.state = RecvState::Done;
+                            return Poll::Ready(Some(Err(StreamFailure::from_stream_error(error))));
+                        }
                     }
-                },
+                }
                 RecvState::Trailers => {
                     let trailers = ready!(this.recv.poll_trailers(cx));
                     this.state = RecvState::Done;

@@ -1,42 +1,28 @@
 //! Fewer, larger writes on the local HTTP/2 hops.
 //!
-//! h2 flushes its frame buffer every time its connection task runs, and that task is woken by
-//! every call that queues a frame. With many calls in flight the socket then sees roughly one
-//! `writev` per call, and each loopback write also runs the receiver's TCP stack and wakes it.
-//! [`BatchedWrites`] makes the first write attempt of each turn yield once: the connection task
-//! goes to the back of the run queue, the other calls that are ready queue their frames, and one
-//! write carries them all. A lone call waits only for one pass over an empty run queue.
-//! Large payloads still go out as their own writes, without being copied.
+//! h2 encodes frames into a 16 KiB buffer and writes it out in one go, except that over a socket
+//! that supports vectored writes it keeps every DATA payload above 256 bytes as a separate
+//! buffer, and stops filling the frame buffer until that payload is written. A 256 B gRPC message
+//! is 261 bytes framed, so with many calls in flight each one cost its own `writev`, and on
+//! loopback each write also runs the receiver's TCP stack and wakes it. Reporting no vectored
+//! writes moves h2's threshold to 1 KiB: small messages are copied into the frame buffer and
+//! share writes (measured at 128 concurrent calls: 0.86 → 0.05 writes per call), while large
+//! payloads still go out without being copied.
 
-use std::io::{self, IoSlice};
+use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// A byte stream whose writes are deferred by one scheduler turn so they can be merged.
+/// A byte stream that tells h2 to batch small frames into shared writes.
 pub struct BatchedWrites<T> {
     io: T,
-    /// The writer already yielded once for the bytes it is now offering.
-    yielded: bool,
 }
 
 impl<T> BatchedWrites<T> {
     pub fn new(io: T) -> BatchedWrites<T> {
-        BatchedWrites { io, yielded: false }
-    }
-
-    /// Yields once before each write: wakes itself so it runs again after the tasks that are
-    /// already queued.
-    fn defer(&mut self, cx: &mut Context<'_>) -> bool {
-        if self.yielded {
-            self.yielded = false;
-            false
-        } else {
-            self.yielded = true;
-            cx.waker().wake_by_ref();
-            true
-        }
+        BatchedWrites { io }
     }
 }
 
@@ -56,29 +42,10 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for BatchedWrites<T> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        if this.defer(cx) {
-            return Poll::Pending;
-        }
-        Pin::new(&mut this.io).poll_write(cx, buf)
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
     }
 
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        if this.defer(cx) {
-            return Poll::Pending;
-        }
-        Pin::new(&mut this.io).poll_write_vectored(cx, bufs)
-    }
-
-    /// Reporting no vectored writes is what lets small messages share a write: h2 then copies
-    /// DATA payloads of up to 1 KiB into its 16 KiB frame buffer. With vectored writes it keeps
-    /// every payload over 256 bytes (a 256 B gRPC message is 261) as a separate buffer and stops
-    /// filling the frame buffer until that one is written, so each call costs a `writev`.
+    /// The point of this type: see the module documentation.
     fn is_write_vectored(&self) -> bool {
         false
     }

@@ -340,3 +340,161 @@ pub fn h3_code_for_body_error(
     }
     unexplained
 }
+
+/// The app's response body as the raw h2 client delivers it, as an `http_body::Body`. Each chunk
+/// taken is handed back to HTTP/2 flow control at once; backpressure comes from the consumer,
+/// which takes the next chunk only after the previous one was written to QUIC.
+pub struct H2RecvBody {
+    recv: h2::RecvStream,
+    data_done: bool,
+    done: bool,
+}
+
+impl H2RecvBody {
+    pub fn new(recv: h2::RecvStream) -> H2RecvBody {
+        let done = recv.is_end_stream();
+        H2RecvBody {
+            recv,
+            data_done: done,
+            done,
+        }
+    }
+}
+
+impl Body for H2RecvBody {
+    type Data = Bytes;
+    type Error = h2::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
+        let this = self.get_mut();
+        if this.done {
+            return Poll::Ready(None);
+        }
+        if !this.data_done {
+            match ready!(this.recv.poll_data(cx)) {
+                Some(Ok(data)) => {
+                    // Only fails when the stream is already gone, which the next poll reports.
+                    let _ = this.recv.flow_control().release_capacity(data.len());
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Some(Err(error)) => {
+                    this.done = true;
+                    return Poll::Ready(Some(Err(error)));
+                }
+                None => this.data_done = true,
+            }
+        }
+        let trailers = ready!(this.recv.poll_trailers(cx));
+        this.done = true;
+        Poll::Ready(match trailers {
+            Ok(Some(trailers)) => Some(Ok(Frame::trailers(trailers))),
+            Ok(None) => None,
+            Err(error) => Some(Err(error)),
+        })
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done
+    }
+}
+
+/// What the request pump does next.
+enum Next {
+    /// The source has nothing more for now: send what is held.
+    Idle,
+    Frame(Option<Result<Frame<Bytes>, StreamFailure>>),
+}
+
+/// Copies a peer's request body into the app's HTTP/2 stream, within HTTP/2 flow control. The
+/// last DATA frame carries END_STREAM (one frame less per unary call), so one chunk is held back
+/// until the next poll shows whether more follows. A failed source (the caller cancelled) resets
+/// the app's stream with the matching reason, so the app never takes a truncated request whole.
+pub async fn pump_into_h2<R: H3Recv>(
+    mut body: H3RecvBody<R>,
+    send: &mut h2::SendStream<Bytes>,
+) -> PumpEnd {
+    let mut held: Option<Bytes> = None;
+    loop {
+        let next = std::future::poll_fn(|cx| match Pin::new(&mut body).poll_frame(cx) {
+            Poll::Pending if held.is_some() => Poll::Ready(Next::Idle),
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(frame) => Poll::Ready(Next::Frame(frame)),
+        })
+        .await;
+        let sent = match next {
+            Next::Idle => match held.take() {
+                Some(data) => send_within_window(send, data, false).await,
+                None => Ok(()),
+            },
+            Next::Frame(None) => {
+                let last = held.take().unwrap_or_default();
+                return match send_within_window(send, last, true).await {
+                    Ok(()) => PumpEnd::Complete,
+                    Err(reason) => PumpEnd::PeerGone(reason),
+                };
+            }
+            Next::Frame(Some(Ok(frame))) => match frame.into_data() {
+                Ok(data) if data.is_empty() => Ok(()),
+                Ok(data) => match held.replace(data) {
+                    Some(previous) => send_within_window(send, previous, false).await,
+                    None => Ok(()),
+                },
+                Err(frame) => {
+                    let Ok(trailers) = frame.into_trailers() else {
+                        continue;
+                    };
+                    if let Some(previous) = held.take() {
+                        if let Err(reason) = send_within_window(send, previous, false).await {
+                            return PumpEnd::PeerGone(reason);
+                        }
+                    }
+                    return match send.send_trailers(trailers) {
+                        Ok(()) => PumpEnd::Complete,
+                        Err(error) => PumpEnd::PeerGone(error.to_string()),
+                    };
+                }
+            },
+            Next::Frame(Some(Err(failure))) => {
+                let code = failure.peer_reset.unwrap_or(H3Code::H3_REQUEST_CANCELLED);
+                send.send_reset(grpc::h2_reason_for_h3_code(code));
+                return PumpEnd::SourceFailed(code);
+            }
+        };
+        if let Err(reason) = sent {
+            return PumpEnd::PeerGone(reason);
+        }
+    }
+}
+
+/// Sends `data` as the app's flow-control window allows, waiting for window updates.
+async fn send_within_window(
+    send: &mut h2::SendStream<Bytes>,
+    mut data: Bytes,
+    end_of_stream: bool,
+) -> Result<(), String> {
+    if data.is_empty() {
+        return if end_of_stream {
+            send.send_data(data, true).map_err(|e| e.to_string())
+        } else {
+            Ok(())
+        };
+    }
+    while !data.is_empty() {
+        send.reserve_capacity(data.len());
+        let available = match std::future::poll_fn(|cx| send.poll_capacity(cx)).await {
+            Some(Ok(available)) => available,
+            Some(Err(error)) => return Err(error.to_string()),
+            None => return Err("the app closed the stream".to_string()),
+        };
+        if available == 0 {
+            continue;
+        }
+        let chunk = data.split_to(available.min(data.len()));
+        send.send_data(chunk, end_of_stream && data.is_empty())
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}

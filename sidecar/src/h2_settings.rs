@@ -10,6 +10,8 @@ const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
 const CONNECTION_WINDOW: u32 = 32 * 1024 * 1024;
 /// Larger DATA frames mean fewer frame headers and wake-ups per MiB of message.
 const MAX_FRAME_SIZE: u32 = 256 * 1024;
+/// Bytes one call may queue for the app beyond what its window takes (hyper's client default).
+const SEND_BUFFER: usize = 1024 * 1024;
 
 pub fn server(builder: &mut hyper::server::conn::http2::Builder<BoxingExecutor>) {
     builder
@@ -19,14 +21,20 @@ pub fn server(builder: &mut hyper::server::conn::http2::Builder<BoxingExecutor>)
         .max_frame_size(MAX_FRAME_SIZE);
 }
 
-pub fn client(builder: &mut hyper::client::conn::http2::Builder<BoxingExecutor>) {
+/// The inbound side's h2 client towards the app (used without hyper, see `inbound`). Server push
+/// is refused, as hyper's client does.
+pub fn client() -> h2::client::Builder {
+    let mut builder = h2::client::Builder::new();
     builder
-        .initial_stream_window_size(STREAM_WINDOW)
+        .enable_push(false)
+        .max_send_buffer_size(SEND_BUFFER)
+        .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME_SIZE);
+    builder
 }
 
-/// Runs hyper's per-call tasks (one per server stream, one per client request) boxed.
+/// Runs hyper's per-call tasks (one per stream of the outbound listener) boxed.
 ///
 /// A tokio task stores its future inline and copies all of it on spawn and again when it
 /// completes. hyper's server stream task holds our whole call (11 KiB), and those copies were a

@@ -2,25 +2,28 @@
 //! handshake), and each is handed to the local app over a pooled h2c connection. The app's
 //! response, trailers-only or streamed, goes back unchanged.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 
 use bytes::Bytes;
 use h3::error::Code as H3Code;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, Uri};
 use http_body::Body;
-use hyper::body::Incoming;
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use crate::body::{pump_body, H3RecvBody, H3Send, PumpEnd};
+use crate::body::{pump_body, pump_into_h2, H2RecvBody, H3RecvBody, H3Send, PumpEnd};
 use crate::grpc::{self, Code};
 use crate::metrics::{metrics, DirectionLabels, StatusLabels};
 use crate::outbound::strip_hop_by_hop;
 
 type PeerRecv = h3::server::RequestStream<h3_quinn::RecvStream, Bytes>;
 type PeerSend = h3::server::RequestStream<h3_quinn::SendStream<Bytes>, Bytes>;
-type AppSender = hyper::client::conn::http2::SendRequest<H3RecvBody<PeerRecv>>;
+type AppSender = h2::client::SendRequest<Bytes>;
 
 #[derive(Debug, thiserror::Error)]
 #[error("local app at {address}: {reason}")]
@@ -31,12 +34,21 @@ pub struct AppError {
     not_sent: bool,
 }
 
+struct AppConnection {
+    sender: AppSender,
+    /// Set when the connection's task ends: the app closed it or it failed.
+    closed: Arc<AtomicBool>,
+}
+
 /// One multiplexed h2c connection to the local app, re-opened when it drops (app restart).
+///
+/// It speaks h2 directly rather than through hyper's client: a call then needs no hand-off to a
+/// connection task and no extra task waiting for the response, which profiles showed per call.
 pub struct AppClient {
     address: SocketAddr,
     /// `address` as the `:authority` of every forwarded call, parsed once.
     authority: Authority,
-    live: Mutex<Option<AppSender>>,
+    live: Mutex<Option<AppConnection>>,
     connecting: tokio::sync::Mutex<()>,
 }
 
@@ -55,7 +67,9 @@ impl AppClient {
             .live
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        live.as_ref().filter(|sender| !sender.is_closed()).cloned()
+        live.as_ref()
+            .filter(|connection| !connection.closed.load(Ordering::Acquire))
+            .map(|connection| connection.sender.clone())
     }
 
     async fn sender(&self) -> Result<AppSender, AppError> {
@@ -75,37 +89,68 @@ impl AppClient {
             .await
             .map_err(|e| failed(format!("connect failed: {e}")))?;
         let _ = stream.set_nodelay(true);
-        let mut builder =
-            hyper::client::conn::http2::Builder::new(crate::h2_settings::BoxingExecutor);
-        crate::h2_settings::client(&mut builder);
-        let (sender, connection) = builder
-            .handshake(hyper_util::rt::TokioIo::new(
-                crate::batched_io::BatchedWrites::new(stream),
-            ))
+        let (sender, connection) = crate::h2_settings::client()
+            .handshake::<_, Bytes>(crate::batched_io::BatchedWrites::new(stream))
             .await
             .map_err(|e| failed(format!("HTTP/2 handshake failed: {e}")))?;
         let address = self.address;
+        let closed = Arc::new(AtomicBool::new(false));
+        let closed_when_done = closed.clone();
         tokio::spawn(async move {
             if let Err(error) = connection.await {
                 tracing::info!(%address, %error, "connection to the local app lost");
             }
+            closed_when_done.store(true, Ordering::Release);
         });
         *self
             .live
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(sender.clone());
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(AppConnection {
+            sender: sender.clone(),
+            closed,
+        });
         Ok(sender)
     }
 
-    async fn send(
+    /// Forgets a connection found dead, so the next call opens a new one.
+    fn drop_connection(&self) {
+        *self
+            .live
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = None;
+    }
+
+    /// Opens the call's stream to the app and queues its headers. Nothing has reached the app
+    /// when this fails. A connection that turns out dead (the app restarted) is replaced once.
+    async fn open(
         &self,
-        request: Request<H3RecvBody<PeerRecv>>,
-    ) -> Result<Response<Incoming>, AppError> {
-        let mut sender = self.sender().await?;
-        sender.send_request(request).await.map_err(|e| AppError {
+        request: Request<()>,
+        end_of_stream: bool,
+    ) -> Result<(h2::client::ResponseFuture, h2::SendStream<Bytes>), AppError> {
+        let failed = |error: h2::Error| AppError {
             address: self.address,
-            reason: e.to_string(),
-            not_sent: false,
+            reason: error.to_string(),
+            not_sent: true,
+        };
+        let mut ready = match self.sender().await?.ready().await {
+            Ok(ready) => ready,
+            Err(_) => {
+                self.drop_connection();
+                self.sender().await?.ready().await.map_err(failed)?
+            }
+        };
+        ready.send_request(request, end_of_stream).map_err(failed)
+    }
+
+    /// The app's response headers. A stream the app refused never reached it (RFC 9113 §8.7).
+    async fn response(
+        &self,
+        response: h2::client::ResponseFuture,
+    ) -> Result<Response<h2::RecvStream>, AppError> {
+        response.await.map_err(|error| AppError {
+            address: self.address,
+            not_sent: error.reason() == Some(h2::Reason::REFUSED_STREAM),
+            reason: error.to_string(),
         })
     }
 }
@@ -216,37 +261,44 @@ async fn handle_call(request: Request<()>, mut send: PeerSend, recv: PeerRecv, a
     };
     parts.uri = uri;
     parts.version = http::Version::HTTP_2;
-    let app_request = Request::from_parts(parts, H3RecvBody::new(recv));
+    let app_request = Request::from_parts(parts, ());
+    let request_body = H3RecvBody::new(recv);
 
     // The app normally honours grpc-timeout itself; enforcing it here as well makes sure the app
     // sees a cancellation (RST_STREAM) when the deadline passes, even for a call whose client
     // side has already finished sending and so cannot be reset by the peer any more.
     let exchange = async {
-        let response = match app.send(app_request).await {
-            Ok(response) => response,
-            Err(AppError {
-                reason,
-                not_sent: true,
-                ..
-            }) => {
-                // The app never saw the call: H3_REQUEST_REJECTED tells the caller it is safe
-                // to retry elsewhere (gRFC G2), which its sidecar does transparently.
-                tracing::warn!(app = %app.address, %reason, "local app unreachable; call rejected");
-                metrics()
-                    .inbound_calls
-                    .get_or_create(&StatusLabels { status: "REJECTED" })
-                    .inc();
-                send.reset(H3Code::H3_REQUEST_REJECTED);
+        let (response, mut app_send) = match app.open(app_request, false).await {
+            Ok(opened) => opened,
+            Err(error) => {
+                reject(&mut send, app, error).await;
                 return;
             }
+        };
+        // The request body flows to the app while the response is awaited. It is polled here
+        // first: a request already complete (most unary calls) goes out with its headers and
+        // needs no task of its own. The pump stops, resetting the app's stream, once this
+        // exchange ends or is abandoned.
+        let (_stop_request, stop) = oneshot::channel::<()>();
+        let mut request_pump = Box::pin(async move {
+            tokio::select! {
+                end = pump_into_h2(request_body, &mut app_send) => {
+                    if !matches!(end, PumpEnd::Complete) {
+                        tracing::debug!(?end, "request to the app ended early");
+                    }
+                }
+                _ = stop => app_send.send_reset(h2::Reason::CANCEL),
+            }
+        });
+        let pumped =
+            std::future::poll_fn(|cx| Poll::Ready(request_pump.as_mut().poll(cx).is_ready())).await;
+        if !pumped {
+            tokio::spawn(request_pump);
+        }
+        let response = match app.response(response).await {
+            Ok(response) => response,
             Err(error) => {
-                metrics()
-                    .inbound_calls
-                    .get_or_create(&StatusLabels {
-                        status: "UNAVAILABLE",
-                    })
-                    .inc();
-                send_status(&mut send, Code::Unavailable, &error.to_string()).await;
+                reject(&mut send, app, error).await;
                 return;
             }
         };
@@ -257,6 +309,7 @@ async fn handle_call(request: Request<()>, mut send: PeerSend, recv: PeerRecv, a
             })
             .inc();
         let (parts, body) = response.into_parts();
+        let body = H2RecvBody::new(body);
         let trailers_only = body.is_end_stream();
         if let Err(error) = send.send_response(Response::from_parts(parts, ())).await {
             tracing::debug!(%error, "peer went away before the response");
@@ -279,6 +332,28 @@ async fn handle_call(request: Request<()>, mut send: PeerSend, recv: PeerRecv, a
             }
         }
     }
+}
+
+/// Answers a call the app did not take. One that never reached it is reset with
+/// H3_REQUEST_REJECTED, which tells the caller it is safe to retry elsewhere (gRFC G2) and its
+/// sidecar does so transparently; any other failure becomes an UNAVAILABLE status.
+async fn reject(send: &mut PeerSend, app: &AppClient, error: AppError) {
+    if error.not_sent {
+        tracing::warn!(app = %app.address, reason = %error.reason, "local app unreachable; call rejected");
+        metrics()
+            .inbound_calls
+            .get_or_create(&StatusLabels { status: "REJECTED" })
+            .inc();
+        send.reset(H3Code::H3_REQUEST_REJECTED);
+        return;
+    }
+    metrics()
+        .inbound_calls
+        .get_or_create(&StatusLabels {
+            status: "UNAVAILABLE",
+        })
+        .inc();
+    send_status(send, Code::Unavailable, &error.to_string()).await;
 }
 
 async fn send_status(send: &mut PeerSend, code: Code, message: &str) {

@@ -911,6 +911,35 @@ async fn app_server_dying_midstream_ends_the_client_stream_with_an_error() {
     }
 }
 
+/// An app that restarts on the same address costs only the calls made while it was down: the
+/// inbound sidecar notices the old connection is gone and the next call opens a new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_succeed_again_as_soon_as_a_restarted_app_listens() {
+    let mut pipeline = Pipeline::start().await;
+    let mut client = pipeline.client().await;
+    let reply = unary(&mut client, echo_request(Bytes::from_static(b"before")))
+        .await
+        .expect("a call before the restart");
+    assert_eq!(&reply.payload[..], b"before");
+
+    let app_addr = pipeline.echo.addr();
+    pipeline.echo.abort();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let status = unary(&mut client, echo_request(Bytes::from_static(b"down")))
+        .await
+        .expect_err("a call while the app is down");
+    assert_eq!(status.code(), Code::Unavailable, "{}", describe(&status));
+
+    pipeline.echo = integration::echo_server::spawn_echo_server(app_addr, SERVER_NAME)
+        .await
+        .expect("restart the echo server on its old address");
+    let reply = unary(&mut client, echo_request(Bytes::from_static(b"after")))
+        .await
+        .expect("the first call after the app is back");
+    assert_eq!(&reply.payload[..], b"after");
+    assert_eq!(pipeline.echo.state().calls_started(), 1);
+}
+
 async fn read_in_order(
     stream: &mut tonic::Streaming<EchoReply>,
     sequences: std::ops::Range<u64>,

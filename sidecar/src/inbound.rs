@@ -62,23 +62,24 @@ impl AppClient {
         })
     }
 
-    fn current(&self) -> Option<AppSender> {
+    /// The pooled connection, unless it is known to be closed; with its `closed` flag.
+    fn current(&self) -> Option<(AppSender, Arc<AtomicBool>)> {
         let live = self
             .live
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         live.as_ref()
             .filter(|connection| !connection.closed.load(Ordering::Acquire))
-            .map(|connection| connection.sender.clone())
+            .map(|connection| (connection.sender.clone(), connection.closed.clone()))
     }
 
-    async fn sender(&self) -> Result<AppSender, AppError> {
-        if let Some(sender) = self.current() {
-            return Ok(sender);
+    async fn sender(&self) -> Result<(AppSender, Arc<AtomicBool>), AppError> {
+        if let Some(pooled) = self.current() {
+            return Ok(pooled);
         }
         let _connecting = self.connecting.lock().await;
-        if let Some(sender) = self.current() {
-            return Ok(sender);
+        if let Some(pooled) = self.current() {
+            return Ok(pooled);
         }
         let failed = |reason: String| AppError {
             address: self.address,
@@ -107,17 +108,9 @@ impl AppClient {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(AppConnection {
             sender: sender.clone(),
-            closed,
+            closed: closed.clone(),
         });
-        Ok(sender)
-    }
-
-    /// Forgets a connection found dead, so the next call opens a new one.
-    fn drop_connection(&self) {
-        *self
-            .live
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = None;
+        Ok((sender, closed))
     }
 
     /// Opens the call's stream to the app and queues its headers. Nothing has reached the app
@@ -132,11 +125,15 @@ impl AppClient {
             reason: error.to_string(),
             not_sent: true,
         };
-        let mut ready = match self.sender().await?.ready().await {
+        let (sender, closed) = self.sender().await?;
+        let mut ready = match sender.ready().await {
             Ok(ready) => ready,
             Err(_) => {
-                self.drop_connection();
-                self.sender().await?.ready().await.map_err(failed)?
+                // Marked rather than removed: a call racing this one may already have put a
+                // new connection in its place.
+                closed.store(true, Ordering::Release);
+                let (sender, _) = self.sender().await?;
+                sender.ready().await.map_err(failed)?
             }
         };
         ready.send_request(request, end_of_stream).map_err(failed)

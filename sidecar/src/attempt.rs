@@ -16,7 +16,7 @@ use http_body::{Body, Frame};
 use tokio::sync::oneshot;
 use tokio::time::{Instant, Sleep};
 
-use crate::body::{H3RecvBody, H3Send, PumpEnd, StreamFailure};
+use crate::body::{start_pump, H3RecvBody, H3Send, PumpEnd, StreamFailure};
 use crate::grpc::{self, Code};
 use crate::metrics::{metrics, CallLabels};
 use crate::pick::{InFlight, RankedEndpoint};
@@ -179,7 +179,7 @@ pub async fn attempt(
     // was abandoned for a retry.
     let (stop_sender, mut stop) = oneshot::channel::<H3Code>();
     let upstream_name = target.upstream.clone();
-    let mut pump = Box::pin(async move {
+    start_pump(async move {
         let ended = {
             let pump = source.send_into(&mut send);
             tokio::pin!(pump);
@@ -193,14 +193,8 @@ pub async fn attempt(
             Ok(end) => tracing::debug!(upstream = %upstream_name, ?end, "request body ended early"),
             Err(code) => send.reset(code),
         }
-    });
-    // The first poll happens here, before this task yields: a request whose body is already
-    // in (most unary calls) then leaves in the same QUIC packet as its headers, and needs no
-    // task of its own. Only a body still arriving gets one.
-    let pumped = std::future::poll_fn(|cx| Poll::Ready(pump.as_mut().poll(cx).is_ready())).await;
-    if !pumped {
-        tokio::spawn(pump);
-    }
+    })
+    .await;
 
     let head = match within(call.deadline, recv.recv_response()).await {
         None => return AttemptOutcome::DeadlineExceeded,

@@ -2,11 +2,9 @@
 //! handshake), and each is handed to the local app over a pooled h2c connection. The app's
 //! response, trailers-only or streamed, goes back unchanged.
 
-use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::Poll;
 
 use bytes::Bytes;
 use h3::error::Code as H3Code;
@@ -16,7 +14,7 @@ use http_body::Body;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use crate::body::{pump_body, pump_into_h2, H2RecvBody, H3RecvBody, H3Send, PumpEnd};
+use crate::body::{pump_body, pump_into_h2, start_pump, H2RecvBody, H3RecvBody, H3Send, PumpEnd};
 use crate::grpc::{self, Code};
 use crate::metrics::{metrics, DirectionLabels, StatusLabels};
 use crate::outbound::strip_hop_by_hop;
@@ -272,12 +270,10 @@ async fn handle_call(request: Request<()>, mut send: PeerSend, recv: PeerRecv, a
                 return;
             }
         };
-        // The request body flows to the app while the response is awaited. It is polled here
-        // first: a request already complete (most unary calls) goes out with its headers and
-        // needs no task of its own. The pump stops, resetting the app's stream, once this
-        // exchange ends or is abandoned.
+        // The request body flows to the app while the response is awaited. The pump stops,
+        // resetting the app's stream, once this exchange ends or is abandoned.
         let (_stop_request, stop) = oneshot::channel::<()>();
-        let mut request_pump = Box::pin(async move {
+        start_pump(async move {
             tokio::select! {
                 end = pump_into_h2(request_body, &mut app_send) => {
                     if !matches!(end, PumpEnd::Complete) {
@@ -286,12 +282,8 @@ async fn handle_call(request: Request<()>, mut send: PeerSend, recv: PeerRecv, a
                 }
                 _ = stop => app_send.send_reset(h2::Reason::CANCEL),
             }
-        });
-        let pumped =
-            std::future::poll_fn(|cx| Poll::Ready(request_pump.as_mut().poll(cx).is_ready())).await;
-        if !pumped {
-            tokio::spawn(request_pump);
-        }
+        })
+        .await;
         let response = match app.response(response).await {
             Ok(response) => response,
             Err(error) => {

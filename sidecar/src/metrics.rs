@@ -94,6 +94,7 @@ pub struct Metrics {
     pub discovery_last_event: Family<UpstreamLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     pub endpoints: Family<TierLabels, Gauge>,
     seen_methods: Mutex<HashSet<Arc<str>>>,
+    other_method: Arc<str>,
 }
 
 /// Distinct method label values kept before new ones are reported as `other`.
@@ -220,6 +221,7 @@ impl Metrics {
             discovery_last_event,
             endpoints,
             seen_methods: Mutex::new(HashSet::new()),
+            other_method: Arc::from("other"),
         }
     }
 
@@ -247,7 +249,7 @@ impl Metrics {
             seen.insert(label.clone());
             return label;
         }
-        Arc::from("other")
+        self.other_method.clone()
     }
 }
 

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 
-use crate::pick::RankingWatch;
+use crate::endpoints::ranking::RankingWatch;
 
 /// What the admin endpoints report on.
 pub struct AdminState {

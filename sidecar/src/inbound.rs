@@ -14,10 +14,12 @@ use http_body::Body;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use crate::body::{pump_body, pump_into_h2, start_pump, H2RecvBody, H3RecvBody, H3Send, PumpEnd};
-use crate::grpc::{self, Code};
 use crate::metrics::{metrics, DirectionLabels, StatusLabels};
-use crate::outbound::strip_hop_by_hop;
+use crate::wire::body::{
+    pump_body, pump_into_h2, start_pump, H2RecvBody, H3RecvBody, H3Send, PumpEnd,
+};
+use crate::wire::grpc::strip_hop_by_hop;
+use crate::wire::grpc::{self, Code};
 
 type PeerRecv = h3::server::RequestStream<h3_quinn::RecvStream, Bytes>;
 type PeerSend = h3::server::RequestStream<h3_quinn::SendStream<Bytes>, Bytes>;
@@ -88,8 +90,8 @@ impl AppClient {
             .await
             .map_err(|e| failed(format!("connect failed: {e}")))?;
         let _ = stream.set_nodelay(true);
-        let (sender, connection) = crate::h2_settings::client()
-            .handshake::<_, Bytes>(crate::batched_io::BatchedWrites::new(stream))
+        let (sender, connection) = crate::wire::h2_settings::client()
+            .handshake::<_, Bytes>(crate::wire::batched_io::BatchedWrites::new(stream))
             .await
             .map_err(|e| failed(format!("HTTP/2 handshake failed: {e}")))?;
         let address = self.address;
@@ -160,7 +162,7 @@ pub async fn serve(endpoint: quinn::Endpoint, app: Arc<AppClient>) {
                 Ok(connection) => connection,
                 Err(error) => {
                     // Most often a peer without a certificate from our CA: worth seeing in logs.
-                    tracing::info!(%remote, reason = %crate::transport::describe_connection_error(&error), "refused peer connection");
+                    tracing::info!(%remote, reason = %crate::wire::quic::describe_connection_error(&error), "refused peer connection");
                     return;
                 }
             };

@@ -5,9 +5,9 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
-use locality_sidecar::certs::{write_dev_certs, CertRequest};
 use locality_sidecar::config::Config;
 use locality_sidecar::sidecar::StartOptions;
+use locality_sidecar::tools::certs::{write_dev_certs, CertRequest};
 
 #[derive(Parser)]
 #[command(
@@ -67,13 +67,13 @@ enum Command {
         )]
         file: String,
         /// The sidecar's container image.
-        #[arg(long, default_value = locality_sidecar::inject::DEFAULT_IMAGE)]
+        #[arg(long, default_value = locality_sidecar::tools::inject::DEFAULT_IMAGE)]
         image: String,
         /// The ConfigMap with the sidecar's `config.yaml`, mounted at /etc/locality-sidecar.
-        #[arg(long, default_value = locality_sidecar::inject::DEFAULT_CONFIGMAP)]
+        #[arg(long, default_value = locality_sidecar::tools::inject::DEFAULT_CONFIGMAP)]
         configmap: String,
         /// The TLS Secret (ca.crt, tls.crt, tls.key), mounted at /certs.
-        #[arg(long, default_value = locality_sidecar::inject::DEFAULT_SECRET)]
+        #[arg(long, default_value = locality_sidecar::tools::inject::DEFAULT_SECRET)]
         secret: String,
         /// The app's gRPC port, recorded in the `locality-sidecar.io/app-port` annotation; the
         /// config's `inbound.forward` must be 127.0.0.1:PORT.
@@ -123,7 +123,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             service_account,
         } => {
             use std::io::{Read, Write};
-            let options = locality_sidecar::inject::InjectOptions {
+            let options = locality_sidecar::tools::inject::InjectOptions {
                 image,
                 configmap,
                 secret,
@@ -142,7 +142,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 (input, file)
             };
             // The library builds the whole output first, so an error writes nothing to stdout.
-            let output = locality_sidecar::inject::inject_documents(&input, &options)
+            let output = locality_sidecar::tools::inject::inject_documents(&input, &options)
                 .with_context(|| format!("inject {origin}"))?;
             std::io::stdout()
                 .lock()
@@ -182,7 +182,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             init_logging(log_format);
             let config_path = config;
             let config = Config::load(&config_path)?;
-            locality_sidecar::tls::install_crypto_provider();
+            locality_sidecar::wire::tls::install_crypto_provider();
             let runtime = if worker_threads == 1 {
                 tokio::runtime::Builder::new_current_thread()
                     .enable_all()

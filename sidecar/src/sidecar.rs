@@ -10,17 +10,17 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 
 use crate::admin::AdminState;
+use crate::config::live::{LivePolicy, PolicyWatch};
 use crate::config::Config;
-use crate::discovery::{self, DiscoveryError, ServiceRef};
 use crate::endpoints;
+use crate::endpoints::discovery::{self, DiscoveryError, ServiceRef};
+use crate::endpoints::ranking::{spawn_ranking, Locality, LocalityWatch};
 use crate::inbound::AppClient;
-use crate::outbound::Upstream;
-use crate::pick::{spawn_ranking, Locality, LocalityWatch};
-use crate::policy::{LivePolicy, PolicyWatch};
-use crate::replay::{ReplayBudget, PER_PROCESS_LIMIT};
-use crate::retry::RetryThrottle;
-use crate::tls::{TlsError, TlsMaterial};
-use crate::transport::{self, ConnectionPool, TransportError};
+use crate::outbound::replay::{ReplayBudget, PER_PROCESS_LIMIT};
+use crate::outbound::upstream::RetryThrottle;
+use crate::outbound::upstream::Upstream;
+use crate::wire::quic::{self, ConnectionPool, TransportError};
+use crate::wire::tls::{TlsError, TlsMaterial};
 
 /// How long open calls may run on after a shutdown signal.
 const DRAIN: Duration = Duration::from_secs(10);
@@ -104,8 +104,8 @@ pub async fn start(config: Config, options: StartOptions) -> Result<Running, Sta
     let inbound = match (&config.inbound, &tls) {
         (Some(inbound), Some(tls)) => {
             let mut server = quinn::ServerConfig::with_crypto(Arc::new(tls.quic_server_config()?));
-            server.transport_config(transport::transport_config());
-            let endpoint = transport::endpoint(inbound.listen, Some(server)).map_err(|source| {
+            server.transport_config(quic::transport_config());
+            let endpoint = quic::endpoint(inbound.listen, Some(server)).map_err(|source| {
                 StartError::Transport {
                     field: "inbound.listen".to_string(),
                     source,
@@ -176,12 +176,12 @@ pub async fn start(config: Config, options: StartOptions) -> Result<Running, Sta
         }));
     }
 
-    let applier = crate::live_config::Applier::new(config.clone(), policy_sender.clone());
+    let applier = crate::config::live::Applier::new(config.clone(), policy_sender.clone());
     if let Some(path) = &options.config_path {
-        crate::live_config::watch_file(path.clone(), applier.clone());
+        crate::config::live::watch_file(path.clone(), applier.clone());
     }
     if let (Some(name), Some(client)) = (&options.configmap, &kube) {
-        crate::live_config::watch_configmap(
+        crate::config::live::watch_configmap(
             client.clone(),
             pod_namespace(client),
             name.clone(),

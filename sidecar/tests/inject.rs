@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use locality_sidecar::inject::{inject_documents, InjectError, InjectOptions, SIDECAR_NAME};
+use locality_sidecar::tools::inject::{inject_documents, InjectError, InjectOptions, SIDECAR_NAME};
 use serde::Deserialize;
 use serde_yaml_ng::Value;
 

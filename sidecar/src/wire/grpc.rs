@@ -148,6 +148,22 @@ pub fn h2_reason_for_h3_code(code: h3::error::Code) -> h2::Reason {
     }
 }
 
+/// Headers that describe one HTTP hop, not the call; HTTP/2 and HTTP/3 both forbid them.
+const HOP_BY_HOP: [&str; 6] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+];
+
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -14,7 +14,7 @@ use http::HeaderMap;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
-use crate::body::{H3Send, PumpEnd};
+use crate::wire::body::{H3Send, PumpEnd};
 
 /// A6's defaults, as in gRPC's own implementations.
 pub const PER_CALL_LIMIT: usize = 1024 * 1024;
@@ -192,8 +192,10 @@ impl RequestSource {
                     }
                 },
                 Some(Err(error)) => {
-                    let code =
-                        crate::body::h3_code_for_body_error(&error, H3Code::H3_REQUEST_CANCELLED);
+                    let code = crate::wire::body::h3_code_for_body_error(
+                        &error,
+                        H3Code::H3_REQUEST_CANCELLED,
+                    );
                     state.failed = Some(code);
                     send.reset(code);
                     return PumpEnd::SourceFailed(code);

@@ -8,57 +8,25 @@
 //! Attempts that never reached an upstream app are retried at once, outside `maxAttempts`.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use http::uri::PathAndQuery;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
-use crate::attempt::{
+use crate::config::service_config::{status_name, RetryPolicy};
+use crate::metrics::{self, metrics, AttemptLabels, CallLabels, TierLabels};
+use crate::outbound::attempt::{
     attempt, AttemptOutcome, AttemptTarget, CallRecord, CallRequest, Pushback, ResponseBody,
 };
-use crate::grpc::{self, Code};
-use crate::metrics::{self, metrics, AttemptLabels, CallLabels, TierLabels};
-use crate::outbound::Upstream;
-use crate::policy::{status_name, RetryPolicy, ThrottlingPolicy};
-use crate::replay::{RequestSource, PER_CALL_LIMIT};
+use crate::outbound::replay::{RequestSource, PER_CALL_LIMIT};
+use crate::outbound::upstream::Upstream;
+use crate::wire::grpc::{self, Code};
 
 /// Transparent retries per call: enough to get past a few dead endpoints, bounded so a call
 /// can never loop between endpoints that all refuse it.
 const MAX_TRANSPARENT_RETRIES: u32 = 4;
-
-/// A6 retry throttling for one upstream: a token bucket that failures drain and successes
-/// refill; retries stop while it is at or below half full, so a fully failing upstream gets
-/// about one attempt per call instead of `maxAttempts`.
-#[derive(Debug, Default)]
-pub struct RetryThrottle {
-    tokens: Mutex<Option<f64>>,
-}
-
-impl RetryThrottle {
-    fn update(&self, policy: &ThrottlingPolicy, change: impl FnOnce(f64) -> f64) -> f64 {
-        let mut tokens = self
-            .tokens
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let next = change(tokens.unwrap_or(policy.max_tokens)).clamp(0.0, policy.max_tokens);
-        *tokens = Some(next);
-        next
-    }
-
-    pub fn record_failure(&self, policy: &ThrottlingPolicy) {
-        self.update(policy, |tokens| tokens - 1.0);
-    }
-
-    pub fn record_success(&self, policy: &ThrottlingPolicy) {
-        self.update(policy, |tokens| tokens + policy.token_ratio);
-    }
-
-    pub fn allows_retry(&self, policy: &ThrottlingPolicy) -> bool {
-        self.update(policy, |tokens| tokens) > policy.max_tokens / 2.0
-    }
-}
 
 fn failure_response(code: Code, message: &str) -> Response<ResponseBody> {
     grpc::trailers_only_response(code, message, ResponseBody::Empty)
@@ -93,7 +61,7 @@ pub async fn handle_call(
         (a, b) => a.or(b),
     };
     let mut headers = parts.headers;
-    crate::outbound::strip_hop_by_hop(&mut headers);
+    crate::wire::grpc::strip_hop_by_hop(&mut headers);
     let call = CallRequest {
         method: parts.method,
         path,
@@ -330,38 +298,4 @@ fn finish(
     }
     .finish(code);
     response
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn throttle_stops_retries_at_half_the_bucket_and_refills() {
-        let policy = ThrottlingPolicy {
-            max_tokens: 10.0,
-            token_ratio: 0.5,
-        };
-        let throttle = RetryThrottle::default();
-        assert!(throttle.allows_retry(&policy));
-        for _ in 0..5 {
-            throttle.record_failure(&policy);
-        }
-        // 10 - 5 = 5, which is not above 10 / 2.
-        assert!(!throttle.allows_retry(&policy));
-        throttle.record_success(&policy);
-        assert!(throttle.allows_retry(&policy));
-        for _ in 0..100 {
-            throttle.record_success(&policy);
-        }
-        for _ in 0..4 {
-            throttle.record_failure(&policy);
-        }
-        assert!(
-            throttle.allows_retry(&policy),
-            "refilled to the cap, not beyond"
-        );
-        throttle.record_failure(&policy);
-        assert!(!throttle.allows_retry(&policy));
-    }
 }

@@ -20,7 +20,7 @@ use h3::error::{Code as H3Code, StreamError};
 use http::HeaderMap;
 use http_body::{Body, Frame};
 
-use crate::grpc;
+use crate::wire::grpc;
 
 type ClientRecv = h3::client::RequestStream<h3_quinn::RecvStream, Bytes>;
 type ServerRecv = h3::server::RequestStream<h3_quinn::RecvStream, Bytes>;

@@ -171,7 +171,7 @@ fn read_certs(field: &'static str, path: &Path) -> Result<Vec<CertificateDer<'st
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::certs::{write_dev_certs, CertRequest};
+    use crate::tools::certs::{write_dev_certs, CertRequest};
 
     fn dev_certs(dir: &Path, existing_ca: Option<PathBuf>) -> TlsPaths {
         write_dev_certs(&CertRequest {

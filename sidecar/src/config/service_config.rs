@@ -435,26 +435,6 @@ pub fn parse_duration(value: &Value, at: &str) -> Result<Duration, PolicyError> 
     })
 }
 
-/// The parts of the config that apply to new calls without a restart.
-#[derive(Debug, Clone, PartialEq)]
-pub struct LivePolicy {
-    pub service_config: ServiceConfig,
-    pub outlier: crate::config::OutlierDetection,
-    pub tiers: Vec<crate::config::Tier>,
-}
-
-impl LivePolicy {
-    pub fn from_config(config: &crate::config::Config) -> LivePolicy {
-        LivePolicy {
-            service_config: config.policy.clone(),
-            outlier: config.outlier_detection.clone(),
-            tiers: config.locality.tiers.clone(),
-        }
-    }
-}
-
-pub type PolicyWatch = tokio::sync::watch::Receiver<std::sync::Arc<LivePolicy>>;
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -2,6 +2,9 @@
 //! channel; everything downstream (ranking, picking, the admin view) only reads that channel, so
 //! the static list used in development and Kubernetes discovery plug in the same way.
 
+pub mod discovery;
+pub mod ranking;
+
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 

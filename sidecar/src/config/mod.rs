@@ -3,6 +3,9 @@
 //! Validation happens before anything starts, so a bad file is one error line naming the field
 //! path, what was expected and what was found, never a half-started sidecar.
 
+pub mod live;
+pub mod service_config;
+
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -10,7 +13,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::policy::ServiceConfig;
+use crate::config::service_config::ServiceConfig;
 
 /// Every way a configuration can be wrong. Messages name the field path.
 #[derive(Debug, thiserror::Error)]
@@ -88,7 +91,7 @@ fn duration_string<'de, D: serde::Deserializer<'de>>(
     deserializer: D,
 ) -> Result<Duration, D::Error> {
     let value = serde_json::Value::deserialize(deserializer)?;
-    crate::policy::parse_duration(&value, "duration")
+    crate::config::service_config::parse_duration(&value, "duration")
         .map_err(|e| serde::de::Error::custom(e.message))
 }
 

@@ -20,7 +20,6 @@ use tokio::sync::watch;
 
 use crate::config::Config;
 use crate::metrics::{metrics, ReloadLabels};
-use crate::policy::LivePolicy;
 
 /// The ConfigMap key that holds the config, as in the design's manifests.
 pub const CONFIGMAP_KEY: &str = "config.yaml";
@@ -131,7 +130,7 @@ pub fn watch_configmap(client: Client, namespace: String, name: String, applier:
         let api: Api<ConfigMap> = Api::namespaced(client, &namespace);
         let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
         let mut events = watcher::watcher(api, config)
-            .backoff(crate::discovery::api_backoff())
+            .backoff(crate::endpoints::discovery::api_backoff())
             .boxed();
         let origin = format!("configmap {namespace}/{name} key {CONFIGMAP_KEY}");
         let mut last: Option<String> = None;
@@ -172,3 +171,23 @@ pub fn watch_configmap(client: Client, namespace: String, name: String, applier:
         }
     });
 }
+
+/// The parts of the config that apply to new calls without a restart.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LivePolicy {
+    pub service_config: crate::config::service_config::ServiceConfig,
+    pub outlier: crate::config::OutlierDetection,
+    pub tiers: Vec<crate::config::Tier>,
+}
+
+impl LivePolicy {
+    pub fn from_config(config: &crate::config::Config) -> LivePolicy {
+        LivePolicy {
+            service_config: config.policy.clone(),
+            outlier: config.outlier_detection.clone(),
+            tiers: config.locality.tiers.clone(),
+        }
+    }
+}
+
+pub type PolicyWatch = tokio::sync::watch::Receiver<std::sync::Arc<LivePolicy>>;

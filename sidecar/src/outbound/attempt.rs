@@ -16,13 +16,13 @@ use http_body::{Body, Frame};
 use tokio::sync::oneshot;
 use tokio::time::{Instant, Sleep};
 
-use crate::body::{start_pump, H3RecvBody, H3Send, PumpEnd, StreamFailure};
-use crate::grpc::{self, Code};
+use crate::config::service_config::status_name;
+use crate::endpoints::ranking::{InFlight, RankedEndpoint};
 use crate::metrics::{metrics, CallLabels};
-use crate::pick::{InFlight, RankedEndpoint};
-use crate::policy::status_name;
-use crate::replay::RequestSource;
-use crate::transport::ConnectionPool;
+use crate::outbound::replay::RequestSource;
+use crate::wire::body::{start_pump, H3RecvBody, H3Send, PumpEnd, StreamFailure};
+use crate::wire::grpc::{self, Code};
+use crate::wire::quic::ConnectionPool;
 
 type UpstreamRecv = h3::client::RequestStream<h3_quinn::RecvStream, Bytes>;
 
@@ -213,7 +213,7 @@ pub async fn attempt(
         Some(Ok(head)) => head,
     };
     let (mut parts, ()) = head.into_parts();
-    crate::outbound::strip_hop_by_hop(&mut parts.headers);
+    crate::wire::grpc::strip_hop_by_hop(&mut parts.headers);
     parts.version = http::Version::HTTP_2;
     if let Some(status) = parts.headers.get(grpc::GRPC_STATUS) {
         // Trailers-only: the status came in the only HEADERS frame and nothing follows.

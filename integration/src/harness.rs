@@ -207,11 +207,18 @@ pub fn server_sidecar_config(
 }
 
 /// A running `locality-sidecar run` process, killed when dropped.
+///
+/// Dropping it also checks that it was still running and never logged a panic (a per-call task
+/// can panic without ending the process, and fall-through would hide it from the app): if
+/// either fails, the drop prints the log's tail and panics, failing the test. A test that
+/// stops a sidecar on purpose uses [`Sidecar::kill`], which marks it as expected to be dead.
 pub struct Sidecar {
     label: String,
     child: Child,
     admin: SocketAddr,
     log: PathBuf,
+    /// Set by [`Sidecar::kill`]: the process is meant to be gone, so its end is no failure.
+    expected_dead: bool,
 }
 
 impl Sidecar {
@@ -257,6 +264,7 @@ impl Sidecar {
             child,
             admin,
             log,
+            expected_dead: false,
         }
     }
 
@@ -329,6 +337,46 @@ impl Sidecar {
         matches!(self.child.try_wait(), Ok(None))
     }
 
+    /// Kills the process with SIGKILL (no graceful shutdown, as when a node or container dies),
+    /// waits for it to be gone, and marks it expected-dead so dropping it is not a failure.
+    pub fn kill(&mut self) {
+        self.expected_dead = true;
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Why this sidecar is unhealthy, if it is: it exited without being killed on purpose, or
+    /// its log holds a panic. `None` for a healthy (or deliberately killed) sidecar.
+    pub fn health_problem(&mut self) -> Option<String> {
+        if self.expected_dead {
+            return None;
+        }
+        match self.child.try_wait() {
+            Ok(Some(status)) => return Some(format!("exited unexpectedly ({status})")),
+            Ok(None) => {}
+            Err(e) => return Some(format!("cannot query its process state: {e}")),
+        }
+        let log = self.log_text();
+        log.lines()
+            .find(|line| line.contains("panicked"))
+            .map(|line| format!("logged a panic: {line}"))
+    }
+
+    /// The last `lines` lines of the log, framed for printing.
+    fn log_tail(&self, lines: usize) -> String {
+        let log = self.log_text();
+        let all: Vec<&str> = log.lines().collect();
+        let tail = &all[all.len().saturating_sub(lines)..];
+        format!(
+            "----- {} sidecar log (last {} lines of {}) -----\n{}\n----- end of {} sidecar log -----",
+            self.label,
+            tail.len(),
+            self.log.display(),
+            tail.join("\n"),
+            self.label
+        )
+    }
+
     /// Resident set size, from `VmRSS` in `/proc/PID/status`.
     pub fn rss_bytes(&self) -> u64 {
         let path = format!("/proc/{}/status", self.pid());
@@ -343,6 +391,11 @@ impl Sidecar {
             .unwrap_or_else(|| panic!("no VmRSS line in {path}"))
     }
 
+    /// The file the sidecar logs to (stdout and stderr).
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
     /// Everything the sidecar logged so far.
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_else(|e| format!("<cannot read log: {e}>"))
@@ -351,20 +404,19 @@ impl Sidecar {
 
 impl Drop for Sidecar {
     fn drop(&mut self) {
+        // Look before killing: a sidecar that already died or panicked is a failure.
+        let problem = self.health_problem();
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // The end of the log is where the failure is; a 10,000-message test can log a lot.
         if std::thread::panicking() {
-            let log = self.log_text();
-            // The end of the log is where the failure is; a 10,000-message test can log a lot.
-            let lines: Vec<&str> = log.lines().collect();
-            let tail = &lines[lines.len().saturating_sub(200)..];
-            eprintln!(
-                "----- {} sidecar log (last {} lines of {}) -----\n{}\n----- end of {} sidecar log -----",
+            eprintln!("{}", self.log_tail(200));
+        } else if let Some(problem) = problem {
+            eprintln!("{}", self.log_tail(200));
+            panic!(
+                "the {} sidecar {problem} (log above: {})",
                 self.label,
-                tail.len(),
-                self.log.display(),
-                tail.join("\n"),
-                self.label
+                self.log.display()
             );
         }
     }
@@ -400,6 +452,7 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, Str
 pub async fn echo_client(addr: SocketAddr) -> EchoClient<Channel> {
     let channel = Endpoint::from_shared(format!("http://{addr}"))
         .expect("a valid URI")
+        .connect_timeout(Duration::from_secs(10))
         .connect()
         .await
         .unwrap_or_else(|e| panic!("cannot connect to {addr}: {e:?}"));

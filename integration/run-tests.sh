@@ -17,4 +17,13 @@ echo "== build (the end-to-end tests start the real binaries)"
 cargo build --workspace --bins
 
 echo "== tests"
-cargo test --workspace
+# A whole-suite guard: every call and stream in the tests has its own bound, so this only
+# fires if something hangs outside them; then CI fails with a reason instead of stalling.
+# SUITE_TIMEOUT overrides it (coreutils `timeout` duration, e.g. 40m on a slow machine).
+suite_timeout="${SUITE_TIMEOUT:-25m}"
+status=0
+timeout --kill-after=30s "$suite_timeout" cargo test --workspace || status=$?
+if [ "$status" -eq 124 ] || [ "$status" -eq 137 ]; then
+    echo "== tests did not finish within $suite_timeout: a test hangs (see the last test names above)" >&2
+fi
+exit "$status"

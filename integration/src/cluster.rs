@@ -7,14 +7,13 @@
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
 use serde_json::json;
 
 use crate::echo_server::{spawn_echo_server, EchoServerHandle};
 use crate::fake_kube::{self, FakeKube};
-use crate::harness::{free_tcp_addr, generate_certs, http_get, CertDir, Sidecar};
+use crate::harness::{free_tcp_addr, generate_certs, http_get, next_loopback_ip, CertDir, Sidecar};
 
 pub const NAMESPACE: &str = "default";
 pub const SERVICE: &str = "echo";
@@ -108,15 +107,6 @@ pub struct Cluster {
     pub dir: tempfile::TempDir,
 }
 
-/// A distinct 127.a.b.0/24 for each cluster in this process (tests run clusters in parallel),
-/// offset by the process id so parallel test binaries rarely meet.
-fn next_subnet() -> (u8, u8) {
-    static NEXT: AtomicU8 = AtomicU8::new(0);
-    let a = 100 + (std::process::id() % 100) as u8;
-    let b = NEXT.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
-    (a, b)
-}
-
 impl Cluster {
     pub async fn start(spec: ClusterSpec) -> Cluster {
         let dir = tempfile::tempdir().expect("create a temporary directory");
@@ -132,10 +122,10 @@ impl Cluster {
         }
         kube.apply_service(fake_kube::service(NAMESPACE, SERVICE, &[("app", SERVICE)]));
 
-        let (a, b) = next_subnet();
         let mut pods = Vec::new();
-        for (index, (name, node)) in spec.pods.iter().enumerate() {
-            let ip = Ipv4Addr::new(127, a, b, index as u8 + 10);
+        for (name, node) in &spec.pods {
+            // Each pod has an IP of its own, as in a real cluster; its QUIC port is fixed.
+            let ip = next_loopback_ip();
             let pod = start_pod(&dir, &certs, name, node, ip).await;
             let host_ip = host_ip_of(&spec, node);
             kube.apply_pod(fake_kube::pod(
@@ -244,15 +234,7 @@ impl Cluster {
 
     /// Adds a ready echo pod on `node` (its own app and sidecar) and registers it in the API.
     pub async fn add_pod(&mut self, name: &str, node: &str) {
-        let ip = {
-            let last = self
-                .pods
-                .last()
-                .map(|pod| pod.ip)
-                .unwrap_or(Ipv4Addr::new(127, 200, 0, 9));
-            let [a, b, c, d] = last.octets();
-            Ipv4Addr::new(a, b, c, d + 1)
-        };
+        let ip = next_loopback_ip();
         let pod = start_pod(&self.dir, &self.certs, name, node, ip).await;
         self.kube.apply_pod(fake_kube::pod(
             NAMESPACE,

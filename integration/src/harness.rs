@@ -7,9 +7,10 @@
 
 use std::{
     fs::File,
-    net::{SocketAddr, TcpListener, UdpSocket},
+    net::{Ipv4Addr, SocketAddr, TcpListener, UdpSocket},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
     time::Duration,
 };
 
@@ -63,18 +64,39 @@ pub fn sidecar_binary() -> PathBuf {
     binary
 }
 
-/// A loopback TCP address that was free a moment ago (bind port 0, then release it).
-pub fn free_tcp_addr() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind a loopback TCP port")
+/// A loopback IP that no other caller in this process has been given: `127.A.B.C`, where `A`
+/// comes from the process id (so parallel test binaries, the demo or a benchmark on the same
+/// machine use different `127.A.0.0/16` blocks) and `B.C` counts up (65,024 addresses per
+/// process). Every address in `127.0.0.0/8` is loopback, so the sidecar's loopback-only outbound
+/// listener accepts them, and nothing else on the machine binds them: a port picked on one of
+/// these addresses cannot be taken by a parallel test, nor by the ephemeral ports of outgoing
+/// connections (those come from `127.0.0.1`).
+pub fn next_loopback_ip() -> Ipv4Addr {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    // 2..=251: never 127.0.x.x (127.0.0.1 is everyone's) nor 127.255.x.x.
+    let a = 2 + (std::process::id() % 250) as u8;
+    let b = (n / 254 % 256) as u8;
+    let c = (n % 254 + 1) as u8;
+    Ipv4Addr::new(127, a, b, c)
 }
 
-/// A loopback UDP address that was free a moment ago, for a QUIC listener.
+/// A TCP address of its own for one listener: a fresh [`next_loopback_ip`] and a port that was
+/// free on it a moment ago. No other address this process hands out shares the IP, so the port
+/// is still free when the sidecar binds it, however many tests run in parallel.
+pub fn free_tcp_addr() -> SocketAddr {
+    let ip = next_loopback_ip();
+    TcpListener::bind((ip, 0))
+        .and_then(|l| l.local_addr())
+        .unwrap_or_else(|e| panic!("bind a TCP port on {ip}: {e}"))
+}
+
+/// A UDP address of its own for one QUIC listener, like [`free_tcp_addr`].
 pub fn free_udp_addr() -> SocketAddr {
-    UdpSocket::bind("127.0.0.1:0")
+    let ip = next_loopback_ip();
+    UdpSocket::bind((ip, 0))
         .and_then(|s| s.local_addr())
-        .expect("bind a loopback UDP port")
+        .unwrap_or_else(|e| panic!("bind a UDP port on {ip}: {e}"))
 }
 
 /// The files `locality-sidecar certs` writes into one directory.
@@ -658,7 +680,7 @@ impl Pipeline {
         server_tls: &TlsFiles,
         upstream: &str,
     ) -> Pipeline {
-        let echo = spawn_echo_server("127.0.0.1:0".parse().unwrap(), SERVER_NAME)
+        let echo = spawn_echo_server(SocketAddr::from((next_loopback_ip(), 0)), SERVER_NAME)
             .await
             .expect("start the echo server");
         let quic_addr = free_udp_addr();

@@ -438,7 +438,10 @@ async fn error_status_keeps_its_trailing_metadata() {
         .expect("server stream")
         .into_inner();
     for _ in 0..2 {
-        stream.message().await.expect("reply").expect("some");
+        within(LIMIT, "reply", stream.message())
+            .await
+            .expect("reply")
+            .expect("some");
     }
     let status = within(LIMIT, "final status", stream.message())
         .await
@@ -520,8 +523,13 @@ async fn non_ascii_status_message_arrives_intact() {
     .await
     .expect("server stream")
     .into_inner();
-    stream.message().await.expect("reply").expect("some");
-    let status = stream.message().await.expect_err("status after the reply");
+    within(LIMIT, "reply", stream.message())
+        .await
+        .expect("reply")
+        .expect("some");
+    let status = within(LIMIT, "status after the reply", stream.message())
+        .await
+        .expect_err("status after the reply");
     assert_eq!(status.code(), Code::Aborted, "{}", describe(&status));
     assert_eq!(status.message(), message);
 }

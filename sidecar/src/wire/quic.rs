@@ -1,8 +1,8 @@
 //! QUIC between sidecars: socket and transport settings sized for a pod network, and the
 //! outbound connection pool (one multiplexed HTTP/3 connection per upstream endpoint,
-//! re-established when lost).
+//! re-established when lost, closed once its endpoint has left discovery and its calls are done).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -11,6 +11,7 @@ use bytes::Bytes;
 use quinn::crypto::rustls::QuicClientConfig;
 use quinn::{AckFrequencyConfig, EndpointConfig, IdleTimeout, TransportConfig, VarInt};
 
+use crate::endpoints::ranking::{EndpointLoad, RankingWatch};
 use crate::metrics::{metrics, DirectionLabels};
 
 /// The HTTP/3 request handle of one upstream connection; clones share the connection.
@@ -47,6 +48,13 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// both sidecars; a call's own packets carry the ACKs instead. Ten still acknowledges a bulk
 /// transfer every ~14 KB, often enough for congestion control on pod networks.
 const ACK_ELICITING_THRESHOLD: u32 = 10;
+/// HTTP/3's "no error" code (RFC 9114, section 8.1): the application close a peer sees when we
+/// close a connection on purpose, so its logs do not report a failure.
+const H3_NO_ERROR: u32 = 0x100;
+/// How often [`evict_departed`] looks again without a ranking change: to close a departed
+/// endpoint's connection once its last call has ended, and to catch a slot a racing call
+/// re-created after its endpoint left.
+const EVICTION_RECHECK: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
@@ -127,6 +135,18 @@ struct Slot {
 }
 
 impl Slot {
+    /// Closes the connection, if any, with a clean application close; the slot is left empty.
+    fn close(&self, reason: &'static [u8]) {
+        let live = self
+            .live
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take();
+        if let Some(live) = live {
+            live.connection.close(VarInt::from_u32(H3_NO_ERROR), reason);
+        }
+    }
+
     fn current(&self) -> Option<H3Sender> {
         let live = self
             .live
@@ -262,7 +282,129 @@ impl ConnectionPool {
     /// Closes every connection (shutdown): peers see a clean close instead of an idle timeout.
     pub fn close_all(&self) {
         for endpoint in [self.v4.get(), self.v6.get()].into_iter().flatten() {
-            endpoint.close(VarInt::from_u32(0x100), b"shutdown");
+            endpoint.close(VarInt::from_u32(H3_NO_ERROR), b"shutdown");
+        }
+    }
+
+    /// Closes and forgets every connection whose peer address is not in `keep`; returns how many
+    /// slots went. The close is immediate (quinn waits for no stream), so calls still running on
+    /// such a connection fail: callers put addresses with calls in flight into `keep`, as
+    /// [`evict_departed`] does.
+    pub fn retain_only(&self, keep: &HashSet<SocketAddr>) -> usize {
+        let evicted: Vec<(SlotKey, Arc<Slot>)> = {
+            let mut slots = self
+                .slots
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            slots_to_evict(slots.keys(), keep)
+                .into_iter()
+                .filter_map(|key| slots.remove(&key).map(|slot| (key, slot)))
+                .collect()
+        };
+        // Closed outside the map's lock: closing wakes quinn's driver, no reason to hold calls up.
+        for ((address, server_name), slot) in &evicted {
+            slot.close(b"endpoint left discovery");
+            tracing::debug!(%address, %server_name, "closed the connection to an endpoint that left discovery");
+        }
+        evicted.len()
+    }
+}
+
+/// The pool slots whose peer address is not in `keep`.
+fn slots_to_evict<'a>(
+    slots: impl IntoIterator<Item = &'a SlotKey>,
+    keep: &HashSet<SocketAddr>,
+) -> Vec<SlotKey> {
+    slots
+        .into_iter()
+        .filter(|(address, _)| !keep.contains(address))
+        .cloned()
+        .collect()
+}
+
+/// The endpoints whose connections stay open: every one in the current rankings, and those that
+/// left discovery while calls to them still run (closing under them would fail those calls, and
+/// a pod that left is usually draining, not dead).
+#[derive(Default)]
+struct Retention {
+    /// Load counters by address: the current endpoints' and the busy departed ones'. An address
+    /// may appear in several upstreams, hence several counters.
+    loads: HashMap<SocketAddr, Vec<Arc<EndpointLoad>>>,
+}
+
+impl Retention {
+    /// Takes in the current endpoints and returns the addresses to keep connections to.
+    fn update(
+        &mut self,
+        current: impl IntoIterator<Item = (SocketAddr, Arc<EndpointLoad>)>,
+    ) -> HashSet<SocketAddr> {
+        let mut next: HashMap<SocketAddr, Vec<Arc<EndpointLoad>>> = HashMap::new();
+        for (address, load) in current {
+            next.entry(address).or_default().push(load);
+        }
+        for (address, loads) in self.loads.drain() {
+            if !next.contains_key(&address) && loads.iter().any(|load| load.in_flight() > 0) {
+                next.insert(address, loads);
+            }
+        }
+        self.loads = next;
+        self.loads.keys().copied().collect()
+    }
+}
+
+/// Closes pooled connections to endpoints that left discovery, so the pool does not keep
+/// connections (and keep-alives) to every pod ever seen. `rankings` are every upstream that
+/// shares `pool`: an address stays while any of them has it, or while calls to it are in
+/// flight. Runs until `shutdown` turns true (or its sender is dropped).
+pub async fn evict_departed(
+    pool: Arc<ConnectionPool>,
+    rankings: Vec<RankingWatch>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    use futures::StreamExt;
+    let mut changes = futures::stream::select_all(rankings.iter().cloned().map(|ranking| {
+        Box::pin(futures::stream::unfold(ranking, |mut ranking| async move {
+            ranking.changed().await.ok().map(|()| ((), ranking))
+        }))
+    }));
+    let mut changes_open = !rankings.is_empty();
+    let mut recheck = tokio::time::interval(EVICTION_RECHECK);
+    recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut retention = Retention::default();
+    loop {
+        if *shutdown.borrow_and_update() {
+            return;
+        }
+        let current: Vec<(SocketAddr, Arc<EndpointLoad>)> = rankings
+            .iter()
+            .flat_map(|ranking| {
+                ranking
+                    .borrow()
+                    .endpoints()
+                    .map(|ranked| (ranked.endpoint.address, ranked.load.clone()))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let keep = retention.update(current);
+        let closed = pool.retain_only(&keep);
+        if closed > 0 {
+            tracing::info!(
+                closed,
+                kept = keep.len(),
+                "closed connections to endpoints that left discovery"
+            );
+        }
+        tokio::select! {
+            changed = changes.next(), if changes_open => {
+                // Every ranking has ended: their last endpoints stand, rechecks go on.
+                changes_open = changed.is_some();
+            }
+            _ = recheck.tick() => {}
+            changed = shutdown.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
         }
     }
 }
@@ -288,5 +430,129 @@ pub fn describe_connection_error(error: &quinn::ConnectionError) -> String {
         },
         quinn::ConnectionError::TimedOut => "no answer from the peer (timed out)".to_string(),
         other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Tier;
+    use crate::endpoints::ranking::RankedEndpoint;
+    use crate::endpoints::Endpoint;
+
+    fn address(last: u8) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, last], 15443))
+    }
+
+    fn key(last: u8, name: &str) -> SlotKey {
+        (address(last), Arc::from(name))
+    }
+
+    fn ranked(last: u8) -> RankedEndpoint {
+        RankedEndpoint {
+            endpoint: Endpoint {
+                address: address(last),
+                pod: format!("pod-{last}"),
+                node: None,
+                zone: None,
+                host_ip: None,
+            },
+            tier: Tier::Any,
+            load: Arc::new(EndpointLoad::default()),
+        }
+    }
+
+    fn sorted(set: HashSet<SocketAddr>) -> Vec<SocketAddr> {
+        let mut list: Vec<_> = set.into_iter().collect();
+        list.sort();
+        list
+    }
+
+    #[test]
+    fn slots_of_departed_addresses_are_evicted_for_every_server_name() {
+        let slots = [key(1, "a"), key(2, "a"), key(2, "b"), key(3, "a")];
+        let keep = HashSet::from([address(1), address(3)]);
+        let mut gone = slots_to_evict(slots.iter(), &keep);
+        gone.sort();
+        assert_eq!(gone, vec![key(2, "a"), key(2, "b")]);
+        assert!(slots_to_evict(
+            slots.iter(),
+            &HashSet::from([address(1), address(2), address(3)])
+        )
+        .is_empty());
+    }
+
+    #[test]
+    fn retention_keeps_current_endpoints_and_drops_departed_idle_ones() {
+        let (one, two) = (ranked(1), ranked(2));
+        let mut retention = Retention::default();
+        let keep = retention.update([
+            (one.endpoint.address, one.load.clone()),
+            (two.endpoint.address, two.load.clone()),
+        ]);
+        assert_eq!(sorted(keep), vec![address(1), address(2)]);
+        let keep = retention.update([(one.endpoint.address, one.load.clone())]);
+        assert_eq!(sorted(keep), vec![address(1)]);
+    }
+
+    #[test]
+    fn retention_keeps_a_departed_endpoint_until_its_last_call_ends() {
+        let (one, two) = (ranked(1), ranked(2));
+        let mut retention = Retention::default();
+        retention.update([
+            (one.endpoint.address, one.load.clone()),
+            (two.endpoint.address, two.load.clone()),
+        ]);
+        let call = two.start_call();
+        let keep = retention.update([(one.endpoint.address, one.load.clone())]);
+        assert_eq!(
+            sorted(keep),
+            vec![address(1), address(2)],
+            "a call still runs on 2"
+        );
+        // A recheck without a ranking change still keeps it while the call runs.
+        let keep = retention.update([(one.endpoint.address, one.load.clone())]);
+        assert!(keep.contains(&address(2)));
+        drop(call);
+        let keep = retention.update([(one.endpoint.address, one.load.clone())]);
+        assert_eq!(sorted(keep), vec![address(1)]);
+    }
+
+    #[test]
+    fn retention_forgets_the_old_counter_of_an_address_that_returns() {
+        let old = ranked(2);
+        let mut retention = Retention::default();
+        retention.update([(old.endpoint.address, old.load.clone())]);
+        let _call = old.start_call();
+        retention.update([]);
+        // The pod came back (same address, a fresh counter from the ranking): it is current.
+        let fresh = ranked(2);
+        let keep = retention.update([(fresh.endpoint.address, fresh.load.clone())]);
+        assert_eq!(sorted(keep), vec![address(2)]);
+        assert_eq!(retention.loads[&address(2)].len(), 1);
+    }
+
+    fn pool() -> ConnectionPool {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let crypto = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .expect("ring supports TLS 1.3")
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth();
+        ConnectionPool::new(QuicClientConfig::try_from(crypto).expect("TLS 1.3 config"))
+    }
+
+    #[test]
+    fn retain_only_removes_exactly_the_slots_not_kept() {
+        let pool = pool();
+        {
+            let mut slots = pool.slots.lock().unwrap();
+            for key in [key(1, "a"), key(2, "a"), key(2, "b")] {
+                slots.insert(key, Arc::new(Slot::default()));
+            }
+        }
+        assert_eq!(pool.retain_only(&HashSet::from([address(1)])), 2);
+        let slots = pool.slots.lock().unwrap();
+        assert_eq!(slots.keys().cloned().collect::<Vec<_>>(), vec![key(1, "a")]);
     }
 }

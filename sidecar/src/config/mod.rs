@@ -126,8 +126,13 @@ pub struct StaticEndpoint {
 pub struct InboundConfig {
     /// UDP address of the QUIC/HTTP/3 listener.
     pub listen: SocketAddr,
-    /// The local app's h2c gRPC address.
+    /// The local app's h2c gRPC address; loopback unless `allow_non_loopback_forward`.
     pub forward: SocketAddr,
+    /// Lets `forward` leave the pod's loopback (an app in another container's network, a
+    /// test rig). Off by default: the inbound listener terminates mutual TLS, and forwarding
+    /// its plaintext over the network would hand authenticated calls to whoever sits there.
+    #[serde(default)]
+    pub allow_non_loopback_forward: bool,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -343,6 +348,15 @@ impl Config {
             }
         }
         if let Some(inbound) = &self.inbound {
+            if !inbound.forward.ip().is_loopback() && !inbound.allow_non_loopback_forward {
+                return Err(invalid(
+                    "inbound.forward".to_string(),
+                    format!(
+                        "expected a loopback address (verified calls leave the sidecar as plaintext h2c), found {}; set inbound.allowNonLoopbackForward: true to allow it",
+                        inbound.forward
+                    ),
+                ));
+            }
             if listens.contains(&inbound.forward) {
                 return Err(invalid(
                     "inbound.forward".to_string(),
@@ -458,6 +472,54 @@ locality: {tiers: [node, zone, any]}
             err.contains("outbound[0].listen") && err.contains("loopback"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn inbound_forward_must_be_loopback() {
+        let err = error_of(&GOOD.replace("forward: 127.0.0.1:50051", "forward: 10.0.0.7:50051"));
+        assert_eq!(
+            err,
+            "config test.yaml: inbound.forward: expected a loopback address (verified calls leave the sidecar as plaintext h2c), found 10.0.0.7:50051; set inbound.allowNonLoopbackForward: true to allow it"
+        );
+        let err = error_of(&GOOD.replace("forward: 127.0.0.1:50051", "forward: 0.0.0.0:50051"));
+        assert!(
+            err.contains("inbound.forward") && err.contains("found 0.0.0.0:50051"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn ipv6_loopback_forward_is_accepted() {
+        let config = Config::parse(
+            &GOOD.replace("forward: 127.0.0.1:50051", "forward: \"[::1]:50051\""),
+            "t",
+        )
+        .unwrap();
+        assert!(config.inbound.unwrap().forward.ip().is_loopback());
+    }
+
+    #[test]
+    fn non_loopback_forward_is_accepted_when_explicitly_allowed() {
+        let text = GOOD.replace(
+            "forward: 127.0.0.1:50051}",
+            "forward: 10.0.0.7:50051, allowNonLoopbackForward: true}",
+        );
+        let inbound = Config::parse(&text, "t").unwrap().inbound.unwrap();
+        assert!(inbound.allow_non_loopback_forward);
+        assert_eq!(inbound.forward, "10.0.0.7:50051".parse().unwrap());
+        // Off by default, and the flag must be a boolean.
+        assert!(
+            !Config::parse(GOOD, "t")
+                .unwrap()
+                .inbound
+                .unwrap()
+                .allow_non_loopback_forward
+        );
+        let err = error_of(&text.replace(
+            "allowNonLoopbackForward: true",
+            "allowNonLoopbackForward: sure",
+        ));
+        assert!(err.contains("inbound.allowNonLoopbackForward"), "{err}");
     }
 
     #[test]

@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+use crate::wire::grpc::Code;
+
 /// A6 caps attempts at 5 whatever the config says.
 pub const MAX_ATTEMPTS_CAP: u32 = 5;
 
@@ -29,6 +31,9 @@ pub struct MethodConfig {
     names: Vec<MethodName>,
     pub timeout: Option<Duration>,
     pub retry: Option<RetryPolicy>,
+    /// `waitForReady`: with no ready endpoint, the call waits (within its deadline) for one
+    /// instead of failing or retrying at once.
+    pub wait_for_ready: bool,
 }
 
 /// `{service, method}`: both set matches one method, service alone a whole service, neither
@@ -47,17 +52,21 @@ pub struct RetryPolicy {
     pub backoff_multiplier: f64,
     /// Bit `n` set when status code `n` is retryable.
     retryable: u32,
+    /// An attempt without response headers by then is abandoned and the call moves on.
+    pub per_attempt_recv_timeout: Option<Duration>,
 }
 
+/// A6 retry throttling, in thousandths of a token: gRPC keeps the token ratio to three decimal
+/// places (truncated), so integer arithmetic makes the bucket exact.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ThrottlingPolicy {
-    pub max_tokens: f64,
-    pub token_ratio: f64,
+    pub max_milli_tokens: u32,
+    pub milli_token_ratio: u32,
 }
 
 impl RetryPolicy {
-    pub fn is_retryable(&self, code: u32) -> bool {
-        code < 32 && self.retryable & (1 << code) != 0
+    pub fn is_retryable(&self, code: Code) -> bool {
+        self.retryable & (1 << code as u32) != 0
     }
 
     /// A6's delay before retry `n` (1-based, counted from the last server pushback):
@@ -70,34 +79,6 @@ impl RetryPolicy {
         let jitter = 0.8 + 0.4 * unit.clamp(0.0, 1.0);
         Duration::from_secs_f64((capped * jitter).max(0.0))
     }
-}
-
-const STATUS_NAMES: [&str; 17] = [
-    "OK",
-    "CANCELLED",
-    "UNKNOWN",
-    "INVALID_ARGUMENT",
-    "DEADLINE_EXCEEDED",
-    "NOT_FOUND",
-    "ALREADY_EXISTS",
-    "PERMISSION_DENIED",
-    "RESOURCE_EXHAUSTED",
-    "FAILED_PRECONDITION",
-    "ABORTED",
-    "OUT_OF_RANGE",
-    "UNIMPLEMENTED",
-    "INTERNAL",
-    "UNAVAILABLE",
-    "DATA_LOSS",
-    "UNAUTHENTICATED",
-];
-
-/// The canonical name of a gRPC status code (for metrics and logs).
-pub fn status_name(code: u32) -> &'static str {
-    STATUS_NAMES
-        .get(code as usize)
-        .copied()
-        .unwrap_or("UNKNOWN")
 }
 
 impl ServiceConfig {
@@ -214,8 +195,10 @@ fn parse_method_config(value: &Value, at: &str) -> Result<MethodConfig, PolicyEr
             "waitForReady",
             "maxRequestMessageBytes",
             "maxResponseMessageBytes",
+            "hedgingPolicy",
         ],
     )?;
+    refuse_unsupported(object, at)?;
     let names_at = format!("{at}.name");
     let names_value = object.get("name").ok_or_else(|| PolicyError {
         field: names_at.clone(),
@@ -266,11 +249,54 @@ fn parse_method_config(value: &Value, at: &str) -> Result<MethodConfig, PolicyEr
         None => None,
         Some(value) => Some(parse_retry(value, &format!("{at}.retryPolicy"))?),
     };
+    let wait_for_ready = match object.get("waitForReady") {
+        None => false,
+        Some(Value::Bool(flag)) => *flag,
+        Some(other) => {
+            return Err(error(
+                &format!("{at}.waitForReady"),
+                "expected true or false",
+                other,
+            ))
+        }
+    };
     Ok(MethodConfig {
         names,
         timeout,
         retry,
+        wait_for_ready,
     })
+}
+
+/// Service-config fields gRPC defines that the sidecar does not act on. Accepting them silently
+/// would let an operator believe a limit or policy is in force when it is not.
+fn refuse_unsupported(
+    object: &serde_json::Map<String, Value>,
+    at: &str,
+) -> Result<(), PolicyError> {
+    const UNSUPPORTED: [(&str, &str); 3] = [
+        (
+            "maxRequestMessageBytes",
+            "not enforced by the sidecar: message size limits belong to the app's gRPC library; remove this field",
+        ),
+        (
+            "maxResponseMessageBytes",
+            "not enforced by the sidecar: message size limits belong to the app's gRPC library; remove this field",
+        ),
+        (
+            "hedgingPolicy",
+            "hedging is not supported yet; use retryPolicy (with perAttemptRecvTimeout for slow pods)",
+        ),
+    ];
+    for (key, why) in UNSUPPORTED {
+        if object.contains_key(key) {
+            return Err(PolicyError {
+                field: format!("{at}.{key}"),
+                message: why.to_string(),
+            });
+        }
+    }
+    Ok(())
 }
 
 fn field<'a>(
@@ -343,26 +369,31 @@ fn parse_retry(value: &Value, at: &str) -> Result<RetryPolicy, PolicyError> {
     for (index, code) in codes.iter().enumerate() {
         retryable |= 1 << parse_status_code(code, &format!("{codes_at}[{index}]"))?;
     }
+    let per_attempt_recv_timeout = match object.get("perAttemptRecvTimeout") {
+        None => None,
+        Some(value) => Some(parse_duration(
+            value,
+            &format!("{at}.perAttemptRecvTimeout"),
+        )?),
+    };
     Ok(RetryPolicy {
         max_attempts: (max_attempts as u32).min(MAX_ATTEMPTS_CAP),
         initial_backoff,
         max_backoff,
         backoff_multiplier,
         retryable,
+        per_attempt_recv_timeout,
     })
 }
 
 fn parse_status_code(value: &Value, at: &str) -> Result<u32, PolicyError> {
     let code = match value {
-        Value::String(name) => STATUS_NAMES
-            .iter()
-            .position(|known| known.eq_ignore_ascii_case(name))
-            .map(|n| n as u32),
+        Value::String(name) => Code::from_name(name),
         other => number(other)
             .filter(|n| n.fract() == 0.0 && *n >= 0.0 && *n <= 16.0)
-            .map(|n| n as u32),
+            .map(|n| Code::from_u32(n as u32)),
     };
-    match code {
+    match code.map(|code| code as u32) {
         Some(0) => Err(error(
             at,
             "OK is not a failure and cannot be retried; expected a status code such as UNAVAILABLE",
@@ -401,10 +432,17 @@ fn parse_throttling(value: &Value, at: &str) -> Result<ThrottlingPolicy, PolicyE
             )
         })?;
     Ok(ThrottlingPolicy {
-        max_tokens,
-        // gRPC keeps three decimal places of the ratio.
-        token_ratio: (token_ratio * 1000.0).round() / 1000.0,
+        max_milli_tokens: max_tokens as u32 * 1000,
+        milli_token_ratio: milli_ratio(token_ratio),
     })
+}
+
+/// The token ratio in thousandths, truncated as gRPC does (0.1239 is 0.123). The tiny nudge keeps
+/// binary floating point from truncating 0.57 (stored as 0.56999...) to 0.569.
+fn milli_ratio(ratio: f64) -> u32 {
+    let scaled = (ratio * 1000.0 * (1.0 + 1e-12)).trunc();
+    // Validation bounds the ratio above zero; a ratio of 0.0004 still refills, just slowly.
+    scaled.clamp(1.0, f64::from(u32::MAX)) as u32
 }
 
 /// A number given as a number or as a numeric string (YAML users write both).
@@ -466,9 +504,16 @@ mod tests {
             .clone()
             .unwrap();
         assert_eq!(retry.max_attempts, 4);
-        assert!(retry.is_retryable(14) && retry.is_retryable(8) && retry.is_retryable(4));
-        assert!(!retry.is_retryable(3));
-        assert_eq!(parsed.throttling.unwrap().max_tokens, 10.0);
+        assert!(
+            retry.is_retryable(Code::Unavailable)
+                && retry.is_retryable(Code::ResourceExhausted)
+                && retry.is_retryable(Code::DeadlineExceeded)
+        );
+        assert!(!retry.is_retryable(Code::InvalidArgument));
+        assert_eq!(retry.per_attempt_recv_timeout, None);
+        let throttling = parsed.throttling.unwrap();
+        assert_eq!(throttling.max_milli_tokens, 10_000);
+        assert_eq!(throttling.milli_token_ratio, 100);
     }
 
     #[test]
@@ -589,5 +634,77 @@ mod tests {
         }
         assert_eq!(policy.backoff(1, 0.5), Duration::from_millis(50));
         assert_eq!(policy.backoff(10, 0.0), Duration::from_millis(800));
+    }
+
+    #[test]
+    fn token_ratio_is_truncated_to_three_decimals() {
+        for (ratio, milli) in [(0.1239, 123), (0.57, 570), (1.0, 1000), (0.0005, 1)] {
+            let config = json!({"retryThrottling": {"maxTokens": 5, "tokenRatio": ratio}});
+            let parsed = ServiceConfig::parse(&config, "s").unwrap();
+            assert_eq!(
+                parsed.throttling.unwrap().milli_token_ratio,
+                milli,
+                "{ratio}"
+            );
+        }
+    }
+
+    #[test]
+    fn per_attempt_recv_timeout_and_wait_for_ready_are_parsed() {
+        let mut policy = good_policy();
+        policy["perAttemptRecvTimeout"] = json!("0.3s");
+        let mut config = retry_config(policy);
+        config["methodConfig"][0]["waitForReady"] = json!(true);
+        let parsed = ServiceConfig::parse(&config, "s").unwrap();
+        let method = parsed.for_path("/echo.Echo/Unary").unwrap();
+        assert!(method.wait_for_ready);
+        assert_eq!(
+            method.retry.as_ref().unwrap().per_attempt_recv_timeout,
+            Some(Duration::from_millis(300))
+        );
+        let mut bad = good_policy();
+        bad["perAttemptRecvTimeout"] = json!("soon");
+        assert!(parse_err(retry_config(bad)).contains("retryPolicy.perAttemptRecvTimeout"));
+        let mut config = retry_config(good_policy());
+        config["methodConfig"][0]["waitForReady"] = json!("yes");
+        assert!(parse_err(config).contains("methodConfig[0].waitForReady"));
+    }
+
+    #[test]
+    fn fields_the_sidecar_does_not_enforce_are_refused_by_name() {
+        for (key, value, says) in [
+            ("maxRequestMessageBytes", json!(1024), "not enforced"),
+            ("maxResponseMessageBytes", json!(1024), "not enforced"),
+            (
+                "hedgingPolicy",
+                json!({"maxAttempts": 2}),
+                "hedging is not supported",
+            ),
+        ] {
+            let mut config = retry_config(good_policy());
+            config["methodConfig"][0][key] = value;
+            let message = parse_err(config);
+            assert!(
+                message.contains(&format!("methodConfig[0].{key}")) && message.contains(says),
+                "{message}"
+            );
+        }
+    }
+
+    #[test]
+    fn status_codes_parse_by_any_case_name_or_number() {
+        let mut policy = good_policy();
+        policy["retryableStatusCodes"] = json!(["data_loss", "Aborted", 16]);
+        let parsed = ServiceConfig::parse(&retry_config(policy), "s").unwrap();
+        let retry = parsed
+            .for_path("/echo.Echo/X")
+            .unwrap()
+            .retry
+            .clone()
+            .unwrap();
+        for code in [Code::DataLoss, Code::Aborted, Code::Unauthenticated] {
+            assert!(retry.is_retryable(code), "{code}");
+        }
+        assert!(!retry.is_retryable(Code::Unavailable));
     }
 }

@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
@@ -118,6 +118,9 @@ impl RankedEndpoint {
 pub struct Ranking {
     pub tiers: Vec<(Tier, Vec<Arc<RankedEndpoint>>)>,
     pub synced: bool,
+    /// Held while deciding an ejection, so two endpoints failing at once cannot both pass the
+    /// `maxEjectionPercent` check.
+    ejecting: Mutex<()>,
 }
 
 impl Ranking {
@@ -158,6 +161,7 @@ impl Ranking {
         Ranking {
             tiers,
             synced: set.synced,
+            ejecting: Mutex::new(()),
         }
     }
 
@@ -227,8 +231,17 @@ impl Ranking {
         if streak < policy.consecutive_failures || load.is_ejected() {
             return false;
         }
-        let total = self.endpoints().count();
-        if (self.ejected() + 1) * 100 > total * policy.max_ejection_percent as usize {
+        let _deciding = self
+            .ejecting
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if load.is_ejected()
+            || !ejection_allowed(
+                self.ejected(),
+                self.endpoints().count(),
+                policy.max_ejection_percent,
+            )
+        {
             return false;
         }
         let now = now_nanos();
@@ -253,6 +266,14 @@ impl Ranking {
         tracing::warn!(pod = %endpoint.endpoint.pod, address = %endpoint.endpoint.address, seconds = Duration::from_nanos(length).as_secs_f64(), "endpoint ejected after repeated failures");
         true
     }
+}
+
+/// Whether one more endpoint may be ejected while `ejected` of `total` are: never past
+/// `max_percent` of them, except that one may always go when none is out (as Envoy and gRPC
+/// do), or small upstreams could never eject a failing pod at all.
+pub fn ejection_allowed(ejected: usize, total: usize, max_percent: u32) -> bool {
+    ejected == 0 && total > 0 && max_percent > 0
+        || (ejected + 1) * 100 <= total * max_percent as usize
 }
 
 pub type RankingWatch = watch::Receiver<Arc<Ranking>>;
@@ -436,5 +457,84 @@ mod tests {
         assert_eq!(second.pick(&[]).unwrap().load.in_flight(), 1);
         drop(held);
         assert_eq!(second.pick(&[]).unwrap().load.in_flight(), 0);
+    }
+
+    #[test]
+    fn ejection_share_allows_one_even_in_small_upstreams() {
+        // 10% of 3 endpoints is 0.3: without the one-always rule nothing could be ejected.
+        assert!(ejection_allowed(0, 3, 10));
+        assert!(!ejection_allowed(1, 3, 10));
+        assert!(ejection_allowed(1, 4, 50));
+        assert!(!ejection_allowed(2, 4, 50));
+        assert!(ejection_allowed(3, 4, 100));
+        assert!(!ejection_allowed(0, 3, 0), "0% turns ejection off");
+        assert!(!ejection_allowed(0, 0, 50));
+    }
+
+    #[test]
+    fn concurrent_failures_never_eject_past_the_share() {
+        let ranking = Arc::new(Ranking::rank(&set(), &here(), &ALL, &Ranking::default()));
+        let policy = OutlierDetection {
+            consecutive_failures: 1,
+            max_ejection_percent: 50,
+            ..OutlierDetection::default()
+        };
+        let threads: Vec<_> = (0..4)
+            .map(|index| {
+                let ranking = ranking.clone();
+                let policy = policy.clone();
+                std::thread::spawn(move || {
+                    let endpoint = ranking.endpoints().nth(index).unwrap().clone();
+                    ranking.record_failure(&endpoint, &policy)
+                })
+            })
+            .collect();
+        let ejected = threads
+            .into_iter()
+            .map(|thread| thread.join().unwrap())
+            .filter(|ejected| *ejected)
+            .count();
+        assert_eq!(ejected, 2, "50% of 4");
+        assert_eq!(ranking.ejected(), 2);
+    }
+
+    #[test]
+    fn ejection_grows_with_repeats_and_is_capped() {
+        let ranking = Ranking::rank(&set(), &here(), &ALL, &Ranking::default());
+        let policy = OutlierDetection {
+            consecutive_failures: 1,
+            base_ejection_time: Duration::from_secs(10),
+            max_ejection_time: Duration::from_secs(25),
+            max_ejection_percent: 100,
+        };
+        let endpoint = ranking.pick(&[]).unwrap();
+        let remaining = |endpoint: &RankedEndpoint| {
+            Duration::from_nanos(
+                endpoint
+                    .load
+                    .ejected_until
+                    .load(Ordering::Relaxed)
+                    .saturating_sub(now_nanos()),
+            )
+        };
+        assert!(ranking.record_failure(&endpoint, &policy));
+        assert!(remaining(&endpoint) <= Duration::from_secs(10));
+        assert!(remaining(&endpoint) > Duration::from_secs(9));
+        // Pretend the first ejection has just ended.
+        endpoint
+            .load
+            .ejected_until
+            .store(now_nanos(), Ordering::Relaxed);
+        assert!(ranking.record_failure(&endpoint, &policy));
+        assert!(
+            remaining(&endpoint) > Duration::from_secs(19),
+            "twice the base"
+        );
+        endpoint
+            .load
+            .ejected_until
+            .store(now_nanos(), Ordering::Relaxed);
+        assert!(ranking.record_failure(&endpoint, &policy));
+        assert!(remaining(&endpoint) <= Duration::from_secs(25), "capped");
     }
 }

@@ -16,13 +16,15 @@ use http_body::{Body, Frame};
 use tokio::sync::oneshot;
 use tokio::time::{Instant, Sleep};
 
-use crate::config::service_config::status_name;
+use crate::config::service_config::ThrottlingPolicy;
 use crate::endpoints::ranking::{InFlight, RankedEndpoint};
 use crate::metrics::{metrics, CallLabels};
+use crate::outbound::decide::Pushback;
 use crate::outbound::replay::RequestSource;
+use crate::outbound::upstream::Upstream;
 use crate::wire::body::{start_pump, H3RecvBody, H3Send, PumpEnd, StreamFailure};
+use crate::wire::grpc::status_name;
 use crate::wire::grpc::{self, Code};
-use crate::wire::quic::ConnectionPool;
 
 type UpstreamRecv = h3::client::RequestStream<h3_quinn::RecvStream, Bytes>;
 
@@ -34,13 +36,16 @@ pub struct CallRequest {
     pub deadline: Option<Instant>,
 }
 
-/// Who is calling whom, for messages, metrics and the connection pool.
+/// Where an attempt goes and how long it may wait for response headers.
 pub struct AttemptTarget<'a> {
-    pub upstream: &'a Arc<str>,
-    pub server_name: &'a Arc<str>,
-    pub authority: &'a Authority,
-    pub pool: &'a ConnectionPool,
+    pub upstream: &'a Arc<Upstream>,
     pub endpoint: Arc<RankedEndpoint>,
+    /// The throttle policy the call runs under: an OK at the end of the body refills it.
+    pub throttling: Option<ThrottlingPolicy>,
+    /// Response headers must arrive by then: the call's deadline or `perAttemptRecvTimeout`.
+    pub headers_by: Option<Instant>,
+    /// True when `headers_by` is the per-attempt limit rather than the call's deadline.
+    pub per_attempt: bool,
 }
 
 /// How an attempt ended, as far as retrying is concerned.
@@ -49,39 +54,34 @@ pub enum AttemptOutcome {
     Committed(Response<ResponseBody>),
     /// A trailers-only response: a status and nothing else. May be retried.
     Status {
-        code: u32,
+        code: Code,
         response: Response<ResponseBody>,
         /// `grpc-retry-pushback-ms`: absent, a delay, or "do not retry" (negative/malformed).
         pushback: Pushback,
     },
-    /// The request never reached the upstream app: connect failure, stream refused, or the
-    /// peer sidecar rejected it before the app saw it. Safe to retry elsewhere at once.
+    /// The request never left this sidecar: connect failure or the stream could not be opened.
     NotSent(String),
+    /// The peer sidecar took the request but its app never saw it (H3_REQUEST_REJECTED).
+    RefusedByPeer(String),
     /// Failed after the request may have reached the app, before any response headers.
     Failed { code: Code, message: String },
+    /// No response headers within `perAttemptRecvTimeout`.
+    AttemptTimedOut(String),
     /// The call's deadline passed.
-    DeadlineExceeded,
+    DeadlineExceeded(String),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Pushback {
-    None,
-    After(std::time::Duration),
-    DoNotRetry,
-}
-
-impl Pushback {
-    fn from_headers(headers: &HeaderMap) -> Pushback {
-        match headers.get("grpc-retry-pushback-ms") {
-            None => Pushback::None,
-            Some(value) => match value
-                .to_str()
-                .ok()
-                .and_then(|v| v.trim().parse::<i64>().ok())
-            {
-                Some(ms) if ms >= 0 => Pushback::After(std::time::Duration::from_millis(ms as u64)),
-                _ => Pushback::DoNotRetry,
-            },
+impl AttemptOutcome {
+    /// The `status` label of the attempts metric.
+    pub fn status_label(&self) -> &'static str {
+        match self {
+            AttemptOutcome::Committed(_) => "OK",
+            AttemptOutcome::Status { code, .. } | AttemptOutcome::Failed { code, .. } => {
+                code.name()
+            }
+            AttemptOutcome::NotSent(_) | AttemptOutcome::RefusedByPeer(_) => "NOT_SENT",
+            AttemptOutcome::AttemptTimedOut(_) => "ATTEMPT_TIMEOUT",
+            AttemptOutcome::DeadlineExceeded(_) => "DEADLINE_EXCEEDED",
         }
     }
 }
@@ -134,27 +134,37 @@ pub async fn attempt(
     previous_attempts: u32,
     record: CallRecord,
 ) -> AttemptOutcome {
+    let upstream = target.upstream;
     let endpoint = target.endpoint.clone();
     let in_flight = endpoint.start_call();
     let label = |reason: &dyn std::fmt::Display| {
         format!(
             "upstream {} endpoint {} ({}): {reason}",
-            target.upstream, endpoint.endpoint.pod, endpoint.endpoint.address
+            upstream.name, endpoint.endpoint.pod, endpoint.endpoint.address
         )
     };
+    let timed_out = || {
+        if target.per_attempt {
+            AttemptOutcome::AttemptTimedOut(label(
+                &"no response headers within the retry policy's perAttemptRecvTimeout",
+            ))
+        } else {
+            AttemptOutcome::DeadlineExceeded(label(&"deadline exceeded in the sidecar"))
+        }
+    };
     let mut sender = match within(
-        call.deadline,
-        target
+        target.headers_by,
+        upstream
             .pool
-            .sender(endpoint.endpoint.address, target.server_name),
+            .sender(endpoint.endpoint.address, &upstream.server_name),
     )
     .await
     {
-        None => return AttemptOutcome::DeadlineExceeded,
+        None => return timed_out(),
         Some(Err(error)) => return AttemptOutcome::NotSent(label(&error)),
         Some(Ok(sender)) => sender,
     };
-    let request = match upstream_request(call, target.authority, previous_attempts) {
+    let request = match upstream_request(call, &upstream.authority, previous_attempts) {
         Ok(request) => request,
         Err(reason) => {
             return AttemptOutcome::Failed {
@@ -163,8 +173,8 @@ pub async fn attempt(
             }
         }
     };
-    let stream = match within(call.deadline, sender.send_request(request)).await {
-        None => return AttemptOutcome::DeadlineExceeded,
+    let stream = match within(target.headers_by, sender.send_request(request)).await {
+        None => return timed_out(),
         // The stream could not be opened: the connection closed or refused it, so the
         // request went nowhere.
         Some(Err(error)) => {
@@ -178,10 +188,11 @@ pub async fn attempt(
     // complete, H3_REQUEST_CANCELLED when the app cancelled, the deadline passed or the attempt
     // was abandoned for a retry.
     let (stop_sender, mut stop) = oneshot::channel::<H3Code>();
-    let upstream_name = target.upstream.clone();
+    let upstream_name = upstream.name.clone();
+    let pump_source = source.clone();
     start_pump(async move {
         let ended = {
-            let pump = source.send_into(&mut send);
+            let pump = pump_source.send_into(&mut send);
             tokio::pin!(pump);
             tokio::select! {
                 end = &mut pump => Ok(end),
@@ -196,12 +207,17 @@ pub async fn attempt(
     })
     .await;
 
-    let head = match within(call.deadline, recv.recv_response()).await {
-        None => return AttemptOutcome::DeadlineExceeded,
+    let head = match within(target.headers_by, recv.recv_response()).await {
+        None => {
+            // Dropping the attempt would leave the request pump to notice on its own; stop it
+            // now so the peer hears of the cancel at once.
+            let _ = stop_sender.send(H3Code::H3_REQUEST_CANCELLED);
+            return timed_out();
+        }
         Some(Err(error)) => {
             let failure = StreamFailure::from_stream_error(error);
             if failure.peer_reset == Some(H3Code::H3_REQUEST_REJECTED) {
-                return AttemptOutcome::NotSent(label(
+                return AttemptOutcome::RefusedByPeer(label(
                     &"the peer sidecar rejected the request before its app saw it",
                 ));
             }
@@ -217,12 +233,8 @@ pub async fn attempt(
     parts.version = http::Version::HTTP_2;
     if let Some(status) = parts.headers.get(grpc::GRPC_STATUS) {
         // Trailers-only: the status came in the only HEADERS frame and nothing follows.
-        let code = status
-            .to_str()
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(Code::Unknown as u32);
-        let pushback = Pushback::from_headers(&parts.headers);
+        let code = Code::from_header(status);
+        let pushback = Pushback::parse(parts.headers.get("grpc-retry-pushback-ms"));
         let _ = stop_sender.send(H3Code::H3_NO_ERROR);
         return AttemptOutcome::Status {
             code,
@@ -230,12 +242,16 @@ pub async fn attempt(
             response: Response::from_parts(parts, ResponseBody::Empty),
         };
     }
+    // Committed (A6): no other attempt will ever send this request, so what the replay buffer
+    // kept is freed now rather than when the call ends, which for a stream may be hours away.
+    source.commit();
     let body = UpstreamBody {
         inner: H3RecvBody::new(recv),
         deadline: call
             .deadline
             .map(|at| Box::pin(tokio::time::sleep_until(at))),
-        upstream: target.upstream.clone(),
+        upstream: upstream.clone(),
+        throttling: target.throttling,
         endpoint,
         stop: Some(stop_sender),
         _in_flight: in_flight,
@@ -294,7 +310,8 @@ impl Body for ResponseBody {
 pub struct UpstreamBody {
     inner: H3RecvBody<UpstreamRecv>,
     deadline: Option<Pin<Box<Sleep>>>,
-    upstream: Arc<str>,
+    upstream: Arc<Upstream>,
+    throttling: Option<ThrottlingPolicy>,
     endpoint: Arc<RankedEndpoint>,
     stop: Option<oneshot::Sender<H3Code>>,
     _in_flight: InFlight,
@@ -312,6 +329,11 @@ impl UpstreamBody {
         }
         if let Some(record) = self.record.take() {
             record.finish(status);
+            if status == Code::Ok as u32 {
+                if let Some(throttling) = &self.throttling {
+                    self.upstream.throttle.record_success(throttling);
+                }
+            }
         }
     }
 
@@ -336,7 +358,7 @@ impl Body for UpstreamBody {
             if deadline.as_mut().poll(cx).is_ready() {
                 let message = format!(
                     "deadline exceeded in the sidecar while streaming from upstream {}",
-                    this.upstream
+                    this.upstream.name
                 );
                 return this.status_trailers(Code::DeadlineExceeded, message);
             }
@@ -369,7 +391,7 @@ impl Body for UpstreamBody {
                 let endpoint = &this.endpoint.endpoint;
                 let message = format!(
                     "upstream {} endpoint {} ({}): {failure}",
-                    this.upstream, endpoint.pod, endpoint.address
+                    this.upstream.name, endpoint.pod, endpoint.address
                 );
                 this.status_trailers(failure.grpc_code(), message)
             }

@@ -1,11 +1,10 @@
-//! The retry loop of one call (gRFC A6 semantics) with locality fall-through.
+//! One call from the app, from arrival to answer: fix the policy it runs under, then loop
+//! pick → attempt → decide until the decision is to respond.
 //!
-//! Each attempt picks an endpoint this call has not tried yet while any remains, best tier
-//! first: a call whose same-node pod fails lands on another node next. Retries happen only for
-//! the policy's retryable statuses, only before the call commits (response headers, or more
-//! request bytes than the replay buffer keeps), with A6's jittered exponential backoff or the
-//! server's pushback, within the call's deadline and the upstream's retry-throttling tokens.
-//! Attempts that never reached an upstream app are retried at once, outside `maxAttempts`.
+//! The rules live in [`crate::outbound::decide`]; this loop only does what they say: pick an
+//! endpoint this call has not tried while any remains (best tier first, so a failed same-node
+//! pod means the next attempt lands on another node), make the attempt, wait out backoffs, and
+//! record metrics and endpoint health.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,21 +14,43 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
-use crate::config::service_config::{status_name, RetryPolicy};
-use crate::metrics::{self, metrics, AttemptLabels, CallLabels, TierLabels};
+use crate::endpoints::ranking::{RankedEndpoint, Ranking};
+use crate::metrics::{metrics, AttemptLabels, CallLabels};
 use crate::outbound::attempt::{
-    attempt, AttemptOutcome, AttemptTarget, CallRecord, CallRequest, Pushback, ResponseBody,
+    attempt, AttemptOutcome, AttemptTarget, CallRecord, CallRequest, ResponseBody,
+};
+use crate::outbound::decide::{
+    decide, CallPolicy, CallState, Decision, Facts, Health, Next, Outcome,
 };
 use crate::outbound::replay::{RequestSource, PER_CALL_LIMIT};
 use crate::outbound::upstream::Upstream;
 use crate::wire::grpc::{self, Code};
 
-/// Transparent retries per call: enough to get past a few dead endpoints, bounded so a call
-/// can never loop between endpoints that all refuse it.
-const MAX_TRANSPARENT_RETRIES: u32 = 4;
-
 fn failure_response(code: Code, message: &str) -> Response<ResponseBody> {
     grpc::trailers_only_response(code, message, ResponseBody::Empty)
+}
+
+/// The policy of a call arriving now: its method config under the live service config, and a
+/// deadline from the app's `grpc-timeout` capped by the method's `timeout`.
+fn call_policy(upstream: &Upstream, path: &str, headers: &http::HeaderMap) -> CallPolicy {
+    let arrived = Instant::now();
+    let live = upstream.policy.borrow().clone();
+    let method = live.service_config.for_path(path);
+    let client_deadline = headers
+        .get(grpc::GRPC_TIMEOUT)
+        .and_then(grpc::parse_timeout)
+        .map(|t| arrived + t);
+    let config_deadline = method.and_then(|m| m.timeout).map(|t| arrived + t);
+    let deadline = match (client_deadline, config_deadline) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    CallPolicy {
+        retry: method.and_then(|m| m.retry.clone()),
+        throttling: live.service_config.throttling.clone(),
+        wait_for_ready: method.is_some_and(|m| m.wait_for_ready),
+        deadline,
+    }
 }
 
 /// Handles one call from the app to `upstream`; always answers with a gRPC response.
@@ -39,227 +60,207 @@ pub async fn handle_call(
 ) -> Response<ResponseBody> {
     let arrived = Instant::now();
     let (parts, body) = request.into_parts();
-    let live = upstream.policy.borrow().clone();
     let path = parts
         .uri
         .path_and_query()
         .cloned()
         .unwrap_or_else(|| PathAndQuery::from_static("/"));
-    let method_config = live.service_config.for_path(path.path());
-    let retry_policy: Option<RetryPolicy> = method_config.and_then(|config| config.retry.clone());
-    let throttling = live.service_config.throttling.clone();
-    let client_deadline = parts
-        .headers
-        .get(grpc::GRPC_TIMEOUT)
-        .and_then(grpc::parse_timeout)
-        .map(|t| arrived + t);
-    let config_deadline = method_config
-        .and_then(|config| config.timeout)
-        .map(|t| arrived + t);
-    let deadline = match (client_deadline, config_deadline) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    };
+    let policy = call_policy(&upstream, path.path(), &parts.headers);
+    let outlier = upstream.policy.borrow().outlier.clone();
     let mut headers = parts.headers;
-    crate::wire::grpc::strip_hop_by_hop(&mut headers);
+    grpc::strip_hop_by_hop(&mut headers);
     let call = CallRequest {
         method: parts.method,
         path,
         headers,
-        deadline,
+        deadline: policy.deadline,
     };
     let source = RequestSource::new(body, PER_CALL_LIMIT, upstream.replay_budget.clone());
-    let metrics = metrics();
-    let method_label = metrics.method_label(call.path.path());
-    let upstream_label = metrics::upstream(upstream.name.clone());
+    let method_label = metrics().method_label(call.path.path());
+    let labels = |tier: &'static str| CallLabels {
+        upstream: upstream.name.clone(),
+        method: method_label.clone(),
+        status: "OK",
+        tier,
+    };
 
+    let mut state = CallState::default();
     let mut tried: Vec<SocketAddr> = Vec::new();
-    let mut counted_attempts = 0u32;
-    let mut transparent_retries = 0u32;
-    let mut retries_since_pushback = 0u32;
-    let mut previous_node: Option<Option<String>> = None;
+    let mut previous: Option<Arc<RankedEndpoint>> = None;
     loop {
         let ranking = upstream.ranking.borrow().clone();
-        let Some(endpoint) = ranking.pick_for_attempt(&tried) else {
-            let message = format!("upstream {}: no ready endpoint", upstream.name);
-            return finish(
-                &upstream,
-                &method_label,
-                "none",
-                arrived,
-                failure_response(Code::Unavailable, &message),
-                Code::Unavailable as u32,
-            );
+        let picked = ranking.pick_for_attempt(&tried);
+        let (outcome, response, tier) = match &picked {
+            None => {
+                let message = format!("upstream {}: no ready endpoint", upstream.name);
+                let response = failure_response(Code::Unavailable, &message);
+                (Outcome::NoEndpoint, Some(response), "none")
+            }
+            Some(endpoint) => {
+                count_fallthrough(&upstream, previous.as_deref(), endpoint);
+                if !tried.contains(&endpoint.endpoint.address) {
+                    tried.push(endpoint.endpoint.address);
+                }
+                let started = Instant::now();
+                let (headers_by, per_attempt) = policy.attempt_deadline(started);
+                let target = AttemptTarget {
+                    upstream: &upstream,
+                    endpoint: endpoint.clone(),
+                    throttling: policy.throttling.clone(),
+                    headers_by,
+                    per_attempt,
+                };
+                let result = attempt(
+                    target,
+                    &call,
+                    source.clone(),
+                    state.counted_attempts,
+                    CallRecord {
+                        labels: labels(endpoint.tier.as_str()),
+                    },
+                )
+                .await;
+                upstream
+                    .metrics
+                    .attempt_duration(endpoint.tier)
+                    .observe(started.elapsed().as_secs_f64());
+                let tier = endpoint.tier.as_str();
+                count_attempt(&upstream.name, tier, result.status_label());
+                let (outcome, response) = classify(result);
+                (outcome, response, tier)
+            }
         };
-        let tier = endpoint.tier.as_str();
-        // A fall-through: this attempt goes to another node than the one before it.
-        if let Some(previous) = &previous_node {
-            if previous.is_none() || *previous != endpoint.endpoint.node {
-                metrics
-                    .fallthroughs
-                    .get_or_create(&TierLabels {
-                        upstream: upstream.name.clone(),
-                        tier,
-                    })
-                    .inc();
+        previous = picked.clone();
+        let untried_remains = ranking
+            .endpoints()
+            .any(|e| !tried.contains(&e.endpoint.address));
+        let replayable = match outcome {
+            // A committed call is never retried; no need to wait for its request pump.
+            Outcome::Committed => false,
+            _ => source.replayable().await,
+        };
+        let facts = Facts {
+            now: Instant::now(),
+            untried_remains,
+            replayable,
+            jitter: fastrand::f64(),
+            throttle: &upstream.throttle,
+        };
+        let decision = decide(&mut state, &policy, outcome, facts);
+        if let Some(endpoint) = &picked {
+            record_health(&upstream, &ranking, endpoint, &decision, &outlier);
+        }
+        if decision.throttled {
+            upstream.metrics.retries_throttled.inc();
+        }
+        match decision.next {
+            Next::Respond => {
+                return respond(&upstream, &labels(tier), arrived, response, outcome);
+            }
+            Next::RetryNow => {
+                upstream.metrics.transparent_retries.inc();
+                tracing::debug!(upstream = %upstream.name, "request never reached an upstream app; retrying transparently");
+            }
+            Next::RetryAfter(delay) => {
+                tokio::time::sleep(delay).await;
+                upstream.metrics.retries.inc();
+            }
+            Next::WaitForEndpoints => {
+                let mut changes = upstream.ranking.clone();
+                let changed = async {
+                    // Ends early if the ranking's publisher is gone; the next pick then decides.
+                    let _ = changes.changed().await;
+                };
+                let waited = match policy.deadline {
+                    Some(deadline) => tokio::time::timeout_at(deadline, changed).await.is_ok(),
+                    None => {
+                        changed.await;
+                        true
+                    }
+                };
+                if !waited {
+                    let message = format!(
+                        "deadline exceeded in the sidecar waiting for a ready endpoint of upstream {}",
+                        upstream.name
+                    );
+                    let response = failure_response(Code::DeadlineExceeded, &message);
+                    return respond(
+                        &upstream,
+                        &labels("none"),
+                        arrived,
+                        Some(response),
+                        Outcome::DeadlineExceeded,
+                    );
+                }
             }
         }
-        previous_node = Some(endpoint.endpoint.node.clone());
-        if !tried.contains(&endpoint.endpoint.address) {
-            tried.push(endpoint.endpoint.address);
-        }
-        let record = CallRecord {
-            labels: CallLabels {
-                upstream: upstream.name.clone(),
-                method: method_label.clone(),
-                status: "OK",
-                tier,
-            },
-        };
-        let started = Instant::now();
-        let target = AttemptTarget {
-            upstream: &upstream.name,
-            server_name: &upstream.server_name,
-            authority: &upstream.authority,
-            pool: &upstream.pool,
-            endpoint: endpoint.clone(),
-        };
-        let outcome = attempt(target, &call, source.clone(), counted_attempts, record).await;
-        metrics
-            .attempt_duration
-            .get_or_create(&TierLabels {
-                upstream: upstream.name.clone(),
-                tier,
-            })
-            .observe(started.elapsed().as_secs_f64());
+    }
+}
 
-        let (code, response, pushback) = match outcome {
-            AttemptOutcome::Committed(response) => {
-                count_attempt(&upstream.name, tier, "OK");
-                endpoint.load.record_success();
-                if let Some(throttling) = &throttling {
-                    upstream.throttle.record_success(throttling);
-                }
-                metrics
-                    .call_duration
-                    .get_or_create(&upstream_label)
-                    .observe(arrived.elapsed().as_secs_f64());
-                return response;
-            }
-            AttemptOutcome::DeadlineExceeded => {
-                count_attempt(&upstream.name, tier, "DEADLINE_EXCEEDED");
-                let message = format!(
-                    "deadline exceeded in the sidecar while calling upstream {}",
-                    upstream.name
-                );
-                return finish(
-                    &upstream,
-                    &method_label,
-                    tier,
-                    arrived,
-                    failure_response(Code::DeadlineExceeded, &message),
-                    Code::DeadlineExceeded as u32,
-                );
-            }
-            AttemptOutcome::NotSent(reason) => {
-                count_attempt(&upstream.name, tier, "NOT_SENT");
-                if ranking.record_failure(&endpoint, &live.outlier) {
-                    metrics.ejections.get_or_create(&upstream_label).inc();
-                }
-                transparent_retries += 1;
-                // Only another endpoint can help: retrying the one that just failed to connect
-                // would spend the caller's deadline on the same dead address.
-                let untried_remains = ranking
-                    .endpoints()
-                    .any(|e| !tried.contains(&e.endpoint.address));
-                if untried_remains
-                    && transparent_retries <= MAX_TRANSPARENT_RETRIES
-                    && source.replayable().await
-                {
-                    metrics
-                        .transparent_retries
-                        .get_or_create(&upstream_label)
-                        .inc();
-                    tracing::debug!(upstream = %upstream.name, %reason, "request never reached the upstream; retrying transparently");
-                    continue;
-                }
-                let response = failure_response(Code::Unavailable, &reason);
-                return finish(
-                    &upstream,
-                    &method_label,
-                    tier,
-                    arrived,
-                    response,
-                    Code::Unavailable as u32,
-                );
-            }
-            AttemptOutcome::Failed { code, message } => (
-                code as u32,
-                failure_response(code, &message),
-                Pushback::None,
-            ),
-            AttemptOutcome::Status {
+/// Splits an attempt's result into what the decision needs and the response the app gets if
+/// this attempt's result is the answer.
+fn classify(result: AttemptOutcome) -> (Outcome, Option<Response<ResponseBody>>) {
+    match result {
+        AttemptOutcome::Committed(response) => (Outcome::Committed, Some(response)),
+        AttemptOutcome::Status {
+            code,
+            response,
+            pushback,
+        } => (Outcome::Status { code, pushback }, Some(response)),
+        AttemptOutcome::NotSent(reason) => (
+            Outcome::NotSent,
+            Some(failure_response(Code::Unavailable, &reason)),
+        ),
+        AttemptOutcome::RefusedByPeer(reason) => (
+            Outcome::RefusedByPeer,
+            Some(failure_response(Code::Unavailable, &reason)),
+        ),
+        AttemptOutcome::Failed { code, message } => (
+            Outcome::Status {
                 code,
-                response,
-                pushback,
-            } => (code, response, pushback),
-        };
+                pushback: crate::outbound::decide::Pushback::None,
+            },
+            Some(failure_response(code, &message)),
+        ),
+        AttemptOutcome::AttemptTimedOut(message) => (
+            Outcome::AttemptTimedOut,
+            Some(failure_response(Code::Unavailable, &message)),
+        ),
+        AttemptOutcome::DeadlineExceeded(message) => (
+            Outcome::DeadlineExceeded,
+            Some(failure_response(Code::DeadlineExceeded, &message)),
+        ),
+    }
+}
 
-        count_attempt(&upstream.name, tier, status_name(code));
-        if code == Code::Unavailable as u32 {
-            if ranking.record_failure(&endpoint, &live.outlier) {
-                metrics.ejections.get_or_create(&upstream_label).inc();
-            }
-        } else {
-            // The app answered: whatever it said, the link and the pod work.
-            endpoint.load.record_success();
+/// A fall-through: this attempt goes to another node than the one before it.
+fn count_fallthrough(
+    upstream: &Upstream,
+    previous: Option<&RankedEndpoint>,
+    next: &RankedEndpoint,
+) {
+    if let Some(previous) = previous {
+        if previous.endpoint.node.is_none() || previous.endpoint.node != next.endpoint.node {
+            upstream.metrics.fallthrough(next.tier).inc();
         }
-        counted_attempts += 1;
-        let retryable = retry_policy
-            .as_ref()
-            .filter(|policy| policy.is_retryable(code));
-        let Some(policy) = retryable else {
-            if let Some(throttling) = &throttling {
-                upstream.throttle.record_success(throttling);
-            }
-            return finish(&upstream, &method_label, tier, arrived, response, code);
-        };
-        if let Some(throttling) = &throttling {
-            upstream.throttle.record_failure(throttling);
-        }
-        if counted_attempts >= policy.max_attempts || pushback == Pushback::DoNotRetry {
-            return finish(&upstream, &method_label, tier, arrived, response, code);
-        }
-        if let Some(throttling) = &throttling {
-            if !upstream.throttle.allows_retry(throttling) {
-                metrics
-                    .retries_throttled
-                    .get_or_create(&upstream_label)
-                    .inc();
-                return finish(&upstream, &method_label, tier, arrived, response, code);
+    }
+}
+
+fn record_health(
+    upstream: &Upstream,
+    ranking: &Ranking,
+    endpoint: &RankedEndpoint,
+    decision: &Decision,
+    outlier: &crate::config::OutlierDetection,
+) {
+    match decision.health {
+        Health::Answered => endpoint.load.record_success(),
+        Health::Failed => {
+            if ranking.record_failure(endpoint, outlier) {
+                upstream.metrics.ejections.inc();
             }
         }
-        if !source.replayable().await {
-            // More was sent than the replay buffer keeps: the call is committed (A6).
-            return finish(&upstream, &method_label, tier, arrived, response, code);
-        }
-        let delay = match pushback {
-            Pushback::After(delay) => {
-                retries_since_pushback = 0;
-                delay
-            }
-            _ => {
-                retries_since_pushback += 1;
-                policy.backoff(retries_since_pushback, fastrand::f64())
-            }
-        };
-        let resume = Instant::now() + delay;
-        if deadline.is_some_and(|deadline| resume >= deadline) {
-            // Waiting would outlive the call: answer now with what the upstream said.
-            return finish(&upstream, &method_label, tier, arrived, response, code);
-        }
-        tokio::time::sleep_until(resume).await;
-        metrics.retries.get_or_create(&upstream_label).inc();
+        Health::Unknown => {}
     }
 }
 
@@ -274,28 +275,32 @@ fn count_attempt(upstream: &Arc<str>, tier: &'static str, status: &'static str) 
         .inc();
 }
 
-/// Records a call that ends with a status the sidecar returns without streaming a body.
-fn finish(
+/// Answers the app. A streamed response records its call when its body ends; anything else is
+/// recorded here.
+fn respond(
     upstream: &Upstream,
-    method: &Arc<str>,
-    tier: &'static str,
+    labels: &CallLabels,
     arrived: Instant,
-    response: Response<ResponseBody>,
-    code: u32,
+    response: Option<Response<ResponseBody>>,
+    outcome: Outcome,
 ) -> Response<ResponseBody> {
-    let metrics = metrics();
-    metrics
+    upstream
+        .metrics
         .call_duration
-        .get_or_create(&metrics::upstream(upstream.name.clone()))
         .observe(arrived.elapsed().as_secs_f64());
-    CallRecord {
-        labels: CallLabels {
-            upstream: upstream.name.clone(),
-            method: method.clone(),
-            status: "OK",
-            tier,
-        },
+    let response = response.unwrap_or_else(|| {
+        // Every outcome carries its response; this only guards against a future variant.
+        failure_response(Code::Internal, "the sidecar lost the response of this call")
+    });
+    if !matches!(outcome, Outcome::Committed) {
+        let code = response
+            .headers()
+            .get(grpc::GRPC_STATUS)
+            .map_or(Code::Unknown, Code::from_header);
+        CallRecord {
+            labels: labels.clone(),
+        }
+        .finish(code as u32);
     }
-    .finish(code);
     response
 }

@@ -1,11 +1,18 @@
 //! One configured upstream and the state its calls share: the live ranking of its endpoints,
-//! the QUIC pool, the live policy, the A6 retry-throttling bucket and the process's replay budget.
+//! the QUIC pool, the live policy, the A6 retry-throttling bucket, the process's replay budget,
+//! and its metric series, resolved once here rather than looked up on every attempt.
 
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::histogram::Histogram;
 
 use crate::config::live::PolicyWatch;
 use crate::config::service_config::ThrottlingPolicy;
+use crate::config::Tier;
 use crate::endpoints::ranking::RankingWatch;
+use crate::metrics::{metrics, TierLabels};
 use crate::outbound::replay::ReplayBudget;
 use crate::wire::quic::ConnectionPool;
 
@@ -21,37 +28,108 @@ pub struct Upstream {
     pub policy: PolicyWatch,
     pub throttle: RetryThrottle,
     pub replay_budget: Arc<ReplayBudget>,
+    pub metrics: UpstreamMetrics,
+}
+
+/// This upstream's metric series. Counters and histograms are shared handles: incrementing a
+/// clone increments the registered series.
+pub struct UpstreamMetrics {
+    pub retries: Counter,
+    pub transparent_retries: Counter,
+    pub retries_throttled: Counter,
+    pub ejections: Counter,
+    pub call_duration: Histogram,
+    /// By tier: `[node, zone, any]`.
+    fallthroughs: [Counter; 3],
+    attempt_duration: [Histogram; 3],
+}
+
+fn tier_index(tier: Tier) -> usize {
+    match tier {
+        Tier::Node => 0,
+        Tier::Zone => 1,
+        Tier::Any => 2,
+    }
+}
+
+impl UpstreamMetrics {
+    /// Registers (at zero) and resolves the series of the upstream called `name`.
+    pub fn resolve(name: &Arc<str>) -> UpstreamMetrics {
+        let all = metrics();
+        all.init_upstream(name);
+        let labels = crate::metrics::upstream(name.clone());
+        let by_tier = |tier: Tier| TierLabels {
+            upstream: name.clone(),
+            tier: tier.as_str(),
+        };
+        let tiers = [Tier::Node, Tier::Zone, Tier::Any];
+        UpstreamMetrics {
+            retries: all.retries.get_or_create(&labels).clone(),
+            transparent_retries: all.transparent_retries.get_or_create(&labels).clone(),
+            retries_throttled: all.retries_throttled.get_or_create(&labels).clone(),
+            ejections: all.ejections.get_or_create(&labels).clone(),
+            call_duration: all.call_duration.get_or_create(&labels).clone(),
+            fallthroughs: tiers.map(|tier| all.fallthroughs.get_or_create(&by_tier(tier)).clone()),
+            attempt_duration: tiers
+                .map(|tier| all.attempt_duration.get_or_create(&by_tier(tier)).clone()),
+        }
+    }
+
+    pub fn fallthrough(&self, tier: Tier) -> &Counter {
+        &self.fallthroughs[tier_index(tier)]
+    }
+
+    pub fn attempt_duration(&self, tier: Tier) -> &Histogram {
+        &self.attempt_duration[tier_index(tier)]
+    }
 }
 
 /// A6 retry throttling for one upstream: a token bucket that failures drain and successes
 /// refill; retries stop while it is at or below half full, so a fully failing upstream gets
-/// about one attempt per call instead of `maxAttempts`.
-#[derive(Debug, Default)]
+/// about one attempt per call instead of `maxAttempts`. Tokens are kept in thousandths, as
+/// gRPC's own implementations do, so the arithmetic is exact.
+#[derive(Debug)]
 pub struct RetryThrottle {
-    tokens: Mutex<Option<f64>>,
+    /// `u32::MAX` until first used: the bucket starts full at whatever size the live policy says.
+    milli_tokens: AtomicU32,
+}
+
+impl Default for RetryThrottle {
+    fn default() -> Self {
+        RetryThrottle {
+            milli_tokens: AtomicU32::new(u32::MAX),
+        }
+    }
 }
 
 impl RetryThrottle {
-    fn update(&self, policy: &ThrottlingPolicy, change: impl FnOnce(f64) -> f64) -> f64 {
-        let mut tokens = self
-            .tokens
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let next = change(tokens.unwrap_or(policy.max_tokens)).clamp(0.0, policy.max_tokens);
-        *tokens = Some(next);
+    fn update(&self, policy: &ThrottlingPolicy, change: impl Fn(u32) -> u32) -> u32 {
+        let mut next = 0;
+        // fetch_update only fails when the closure returns None, which this one never does.
+        let _ = self
+            .milli_tokens
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |current| {
+                let current = current.min(policy.max_milli_tokens);
+                next = change(current).min(policy.max_milli_tokens);
+                Some(next)
+            });
         next
     }
 
+    /// An attempt failed with a retryable status or a "do not retry" pushback.
     pub fn record_failure(&self, policy: &ThrottlingPolicy) {
-        self.update(policy, |tokens| tokens - 1.0);
+        self.update(policy, |tokens| tokens.saturating_sub(1000));
     }
 
+    /// A call ended OK.
     pub fn record_success(&self, policy: &ThrottlingPolicy) {
-        self.update(policy, |tokens| tokens + policy.token_ratio);
+        self.update(policy, |tokens| {
+            tokens.saturating_add(policy.milli_token_ratio)
+        });
     }
 
     pub fn allows_retry(&self, policy: &ThrottlingPolicy) -> bool {
-        self.update(policy, |tokens| tokens) > policy.max_tokens / 2.0
+        self.update(policy, |tokens| tokens) > policy.max_milli_tokens / 2
     }
 }
 
@@ -59,12 +137,16 @@ impl RetryThrottle {
 mod tests {
     use super::*;
 
+    fn policy(max_tokens: u32, milli_ratio: u32) -> ThrottlingPolicy {
+        ThrottlingPolicy {
+            max_milli_tokens: max_tokens * 1000,
+            milli_token_ratio: milli_ratio,
+        }
+    }
+
     #[test]
     fn throttle_stops_retries_at_half_the_bucket_and_refills() {
-        let policy = ThrottlingPolicy {
-            max_tokens: 10.0,
-            token_ratio: 0.5,
-        };
+        let policy = policy(10, 500);
         let throttle = RetryThrottle::default();
         assert!(throttle.allows_retry(&policy));
         for _ in 0..5 {
@@ -86,5 +168,41 @@ mod tests {
         );
         throttle.record_failure(&policy);
         assert!(!throttle.allows_retry(&policy));
+    }
+
+    #[test]
+    fn thousandths_add_up_exactly() {
+        // Ten successes at 0.1 must give back exactly one token; in f64 they sum to 0.9999...
+        let policy = policy(4, 100);
+        let throttle = RetryThrottle::default();
+        for _ in 0..3 {
+            throttle.record_failure(&policy);
+        }
+        assert!(!throttle.allows_retry(&policy), "1 token of 4");
+        for _ in 0..10 {
+            throttle.record_success(&policy);
+        }
+        assert!(!throttle.allows_retry(&policy), "2 tokens is not above 2");
+        for _ in 0..1 {
+            throttle.record_success(&policy);
+        }
+        assert!(throttle.allows_retry(&policy), "2.1 tokens is above 2");
+    }
+
+    #[test]
+    fn bucket_never_goes_below_empty_and_follows_a_smaller_live_policy() {
+        let throttle = RetryThrottle::default();
+        let big = policy(10, 1000);
+        for _ in 0..50 {
+            throttle.record_failure(&big);
+        }
+        throttle.record_success(&big);
+        assert!(
+            !throttle.allows_retry(&big),
+            "one token after any number of failures"
+        );
+        let small = policy(2, 1000);
+        throttle.record_success(&small);
+        assert!(throttle.allows_retry(&small), "2 of 2 tokens");
     }
 }

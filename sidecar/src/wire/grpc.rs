@@ -10,22 +10,112 @@ pub const GRPC_TIMEOUT: &str = "grpc-timeout";
 pub const GRPC_STATUS: &str = "grpc-status";
 pub const GRPC_MESSAGE: &str = "grpc-message";
 
-/// gRPC status codes the proxy produces or maps to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The 17 gRPC status codes (the numbers are the wire values).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u32)]
 pub enum Code {
     Ok = 0,
     Cancelled = 1,
     Unknown = 2,
+    InvalidArgument = 3,
     DeadlineExceeded = 4,
+    NotFound = 5,
+    AlreadyExists = 6,
+    PermissionDenied = 7,
     ResourceExhausted = 8,
+    FailedPrecondition = 9,
+    Aborted = 10,
+    OutOfRange = 11,
+    Unimplemented = 12,
     Internal = 13,
     Unavailable = 14,
+    DataLoss = 15,
+    Unauthenticated = 16,
 }
 
 impl Code {
+    pub const ALL: [Code; 17] = [
+        Code::Ok,
+        Code::Cancelled,
+        Code::Unknown,
+        Code::InvalidArgument,
+        Code::DeadlineExceeded,
+        Code::NotFound,
+        Code::AlreadyExists,
+        Code::PermissionDenied,
+        Code::ResourceExhausted,
+        Code::FailedPrecondition,
+        Code::Aborted,
+        Code::OutOfRange,
+        Code::Unimplemented,
+        Code::Internal,
+        Code::Unavailable,
+        Code::DataLoss,
+        Code::Unauthenticated,
+    ];
+
+    /// The code for a wire value; values outside 0..=16 are UNKNOWN, as gRPC clients treat them.
+    pub fn from_u32(value: u32) -> Code {
+        Code::ALL
+            .get(value as usize)
+            .copied()
+            .unwrap_or(Code::Unknown)
+    }
+
+    /// A `grpc-status` header value; a malformed one is UNKNOWN (the gRPC spec's choice).
+    pub fn from_header(value: &HeaderValue) -> Code {
+        value
+            .to_str()
+            .ok()
+            .and_then(|text| text.parse::<u32>().ok())
+            .map_or(Code::Unknown, Code::from_u32)
+    }
+
+    /// The canonical upper-case name (`UNAVAILABLE`), as service configs and metrics use it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Code::Ok => "OK",
+            Code::Cancelled => "CANCELLED",
+            Code::Unknown => "UNKNOWN",
+            Code::InvalidArgument => "INVALID_ARGUMENT",
+            Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+            Code::NotFound => "NOT_FOUND",
+            Code::AlreadyExists => "ALREADY_EXISTS",
+            Code::PermissionDenied => "PERMISSION_DENIED",
+            Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+            Code::FailedPrecondition => "FAILED_PRECONDITION",
+            Code::Aborted => "ABORTED",
+            Code::OutOfRange => "OUT_OF_RANGE",
+            Code::Unimplemented => "UNIMPLEMENTED",
+            Code::Internal => "INTERNAL",
+            Code::Unavailable => "UNAVAILABLE",
+            Code::DataLoss => "DATA_LOSS",
+            Code::Unauthenticated => "UNAUTHENTICATED",
+        }
+    }
+
+    /// Parses a canonical name, any case (`unavailable` too: YAML authors write both).
+    pub fn from_name(name: &str) -> Option<Code> {
+        Code::ALL
+            .iter()
+            .copied()
+            .find(|code| code.name().eq_ignore_ascii_case(name.trim()))
+    }
+
     pub fn as_header(self) -> HeaderValue {
         HeaderValue::from(self as u16)
     }
+}
+
+impl std::fmt::Display for Code {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The canonical name of a wire status value (for metrics and logs).
+pub fn status_name(code: u32) -> &'static str {
+    Code::from_u32(code).name()
 }
 
 /// Parses a `grpc-timeout` value: 1 to 8 ASCII digits and a unit (H, M, S, m, u, n).
@@ -111,23 +201,48 @@ pub fn trailers_only_response<B>(code: Code, message: &str, body: B) -> http::Re
     response
 }
 
-/// Maps an HTTP/3 stream error code to the gRPC status a client should see (gRFC G2).
+/// Maps a stream reset from the local app (HTTP/2) to the status its caller sees, as gRPC's
+/// HTTP/2 protocol mapping specifies. Only REFUSED_STREAM, which promises the request was not
+/// processed, is UNAVAILABLE; an app that resets a stream is not a failed link.
+pub fn code_for_h2_reset(reason: h2::Reason) -> Code {
+    match reason {
+        h2::Reason::REFUSED_STREAM => Code::Unavailable,
+        h2::Reason::CANCEL => Code::Cancelled,
+        h2::Reason::ENHANCE_YOUR_CALM => Code::ResourceExhausted,
+        h2::Reason::INADEQUATE_SECURITY => Code::PermissionDenied,
+        // NO_ERROR, PROTOCOL_ERROR, INTERNAL_ERROR, FLOW_CONTROL_ERROR, SETTINGS_TIMEOUT,
+        // FRAME_SIZE_ERROR, COMPRESSION_ERROR, CONNECT_ERROR and unknown reasons.
+        _ => Code::Internal,
+    }
+}
+
+/// The HTTP/3 code an inbound sidecar resets a stream with when its connection to the local app
+/// was lost mid-call: a transport failure on the upstream pod, which callers see as UNAVAILABLE
+/// (H3_CONNECT_ERROR's own meaning: the connection behind this request failed).
+pub const H3_APP_CONNECTION_LOST: h3::error::Code = h3::error::Code::H3_CONNECT_ERROR;
+
+/// Maps an HTTP/3 stream reset from a peer sidecar to the gRPC status the app sees, mirroring
+/// [`code_for_h2_reset`] through [`h3_code_for_h2_reason`].
 pub fn code_for_h3_reset(code: h3::error::Code) -> Code {
-    if code == h3::error::Code::H3_REQUEST_CANCELLED {
+    use h3::error::Code as H3;
+    if code == H3::H3_REQUEST_CANCELLED {
         Code::Cancelled
-    } else if code == h3::error::Code::H3_EXCESSIVE_LOAD {
+    } else if code == H3::H3_EXCESSIVE_LOAD {
         Code::ResourceExhausted
-    } else {
-        // H3_REQUEST_REJECTED means the request was not processed; anything else is a failure of
-        // the link rather than the app, which is what UNAVAILABLE says.
+    } else if code == H3::H3_REQUEST_REJECTED || code == H3_APP_CONNECTION_LOST {
+        // Not processed, or the link behind the peer failed: a transport loss.
         Code::Unavailable
+    } else {
+        // The app reset its stream with an error, or the peer hit an internal failure: the
+        // request may have been processed, so this is neither UNAVAILABLE nor retried.
+        Code::Internal
     }
 }
 
 /// Maps an HTTP/2 reset reason from the local app to the HTTP/3 code sent to the peer.
 pub fn h3_code_for_h2_reason(reason: h2::Reason) -> h3::error::Code {
     match reason {
-        h2::Reason::CANCEL | h2::Reason::NO_ERROR => h3::error::Code::H3_REQUEST_CANCELLED,
+        h2::Reason::CANCEL => h3::error::Code::H3_REQUEST_CANCELLED,
         h2::Reason::REFUSED_STREAM => h3::error::Code::H3_REQUEST_REJECTED,
         h2::Reason::ENHANCE_YOUR_CALM => h3::error::Code::H3_EXCESSIVE_LOAD,
         _ => h3::error::Code::H3_INTERNAL_ERROR,
@@ -213,5 +328,98 @@ mod tests {
     fn message_is_percent_encoded() {
         assert_eq!(encode_message("plain text"), "plain text");
         assert_eq!(encode_message("50% é"), "50%25 %C3%A9");
+    }
+
+    #[test]
+    fn all_seventeen_codes_round_trip_by_number_and_name() {
+        for (number, code) in Code::ALL.iter().enumerate() {
+            assert_eq!(*code as usize, number);
+            assert_eq!(Code::from_u32(number as u32), *code);
+            assert_eq!(Code::from_name(code.name()), Some(*code));
+            assert_eq!(Code::from_name(&code.name().to_lowercase()), Some(*code));
+            assert_eq!(Code::from_header(&code.as_header()), *code);
+        }
+        assert_eq!(Code::from_name("NOT_A_CODE"), None);
+        assert_eq!(status_name(14), "UNAVAILABLE");
+    }
+
+    #[test]
+    fn out_of_range_or_malformed_statuses_are_unknown() {
+        assert_eq!(Code::from_u32(17), Code::Unknown);
+        assert_eq!(Code::from_u32(u32::MAX), Code::Unknown);
+        for bad in ["", "x", "-1", "1.0", "99999999999"] {
+            assert_eq!(
+                Code::from_header(&HeaderValue::from_str(bad).unwrap()),
+                Code::Unknown,
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn app_resets_map_as_grpc_specifies_for_http2() {
+        use h2::Reason;
+        let expected = [
+            (Reason::NO_ERROR, Code::Internal),
+            (Reason::PROTOCOL_ERROR, Code::Internal),
+            (Reason::INTERNAL_ERROR, Code::Internal),
+            (Reason::FLOW_CONTROL_ERROR, Code::Internal),
+            (Reason::SETTINGS_TIMEOUT, Code::Internal),
+            (Reason::FRAME_SIZE_ERROR, Code::Internal),
+            (Reason::REFUSED_STREAM, Code::Unavailable),
+            (Reason::CANCEL, Code::Cancelled),
+            (Reason::COMPRESSION_ERROR, Code::Internal),
+            (Reason::CONNECT_ERROR, Code::Internal),
+            (Reason::ENHANCE_YOUR_CALM, Code::ResourceExhausted),
+            (Reason::INADEQUATE_SECURITY, Code::PermissionDenied),
+        ];
+        for (reason, code) in expected {
+            assert_eq!(code_for_h2_reset(reason), code, "{reason:?}");
+        }
+    }
+
+    #[test]
+    fn app_resets_reach_the_caller_with_the_same_status_through_http3() {
+        use h2::Reason;
+        // The app resets its stream; the inbound passes it on as an HTTP/3 code; the outbound
+        // turns that into the status the calling app sees. Both ends must agree with HTTP/2's
+        // mapping, except REFUSED_STREAM, which the outbound retries before anyone sees it.
+        for reason in [
+            Reason::INTERNAL_ERROR,
+            Reason::CANCEL,
+            Reason::ENHANCE_YOUR_CALM,
+            Reason::PROTOCOL_ERROR,
+            Reason::NO_ERROR,
+            Reason::REFUSED_STREAM,
+        ] {
+            let through = code_for_h3_reset(h3_code_for_h2_reason(reason));
+            assert_eq!(through, code_for_h2_reset(reason), "{reason:?}");
+        }
+        assert_eq!(code_for_h3_reset(H3_APP_CONNECTION_LOST), Code::Unavailable);
+        assert_eq!(
+            code_for_h3_reset(h3::error::Code::H3_INTERNAL_ERROR),
+            Code::Internal,
+            "an app's error is not a transport loss"
+        );
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_stripped_and_call_metadata_kept() {
+        let mut headers = HeaderMap::new();
+        for name in [
+            "connection",
+            "keep-alive",
+            "transfer-encoding",
+            "upgrade",
+            "host",
+        ] {
+            headers.insert(name, HeaderValue::from_static("x"));
+        }
+        headers.insert("te", HeaderValue::from_static("trailers"));
+        headers.insert("x-user-bin", HeaderValue::from_static("AAE="));
+        strip_hop_by_hop(&mut headers);
+        let left: Vec<&str> = headers.keys().map(|name| name.as_str()).collect();
+        assert_eq!(left.len(), 2, "{left:?}");
+        assert!(headers.contains_key("te") && headers.contains_key("x-user-bin"));
     }
 }

@@ -280,6 +280,9 @@ impl PodView {
 
 /// One event for the [`ServiceState`] machine: from the Service watch, the Pod watch, or the
 /// Node watch's zones.
+// Each event lives only from the watch stream to `ServiceState::step`, never in a collection,
+// so boxing the large variants would cost an allocation per event and save nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum DiscoveryEvent {
     Service(Event<Service>),

@@ -95,6 +95,16 @@ impl ServiceConfig {
                 "loadBalancingPolicy",
             ],
         )?;
+        for key in ["loadBalancingConfig", "loadBalancingPolicy"] {
+            if object.contains_key(key) {
+                return Err(PolicyError {
+                    field: format!("{at}.{key}"),
+                    message: "not supported: the sidecar balances by locality tier and load \
+                              (locality.tiers); remove this field"
+                        .to_string(),
+                });
+            }
+        }
         let mut methods = Vec::new();
         let mut seen_names = HashSet::new();
         if let Some(list) = object.get("methodConfig") {
@@ -686,6 +696,20 @@ mod tests {
             let message = parse_err(config);
             assert!(
                 message.contains(&format!("methodConfig[0].{key}")) && message.contains(says),
+                "{message}"
+            );
+        }
+    }
+
+    #[test]
+    fn load_balancing_fields_are_refused() {
+        for key in ["loadBalancingConfig", "loadBalancingPolicy"] {
+            let mut config = retry_config(good_policy());
+            config[key] = json!("round_robin");
+            let message = parse_err(config);
+            assert!(
+                message.contains(&format!("serviceConfig.{key}"))
+                    && message.contains("not supported"),
                 "{message}"
             );
         }

@@ -167,14 +167,35 @@ fn json(status: StatusCode, value: serde_json::Value) -> Response<Full<Bytes>> {
     response
 }
 
+/// Serves the admin endpoints until aborted. Connections are owned here, so stopping this task
+/// also stops any kept-alive scraper connection rather than leaving it behind.
 pub async fn serve(listener: tokio::net::TcpListener, state: Arc<AdminState>) {
+    let mut connections = tokio::task::JoinSet::new();
+    // Accept failures (out of file descriptors and the like) repeat while they last: logged
+    // when they start and when they stop, not on every retry.
+    let mut failing = false;
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            continue;
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            Some(_) = connections.join_next() => continue,
         };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(error) => {
+                if !failing {
+                    tracing::warn!(%error, "admin listener cannot accept connections");
+                    failing = true;
+                }
+                // Back off instead of spinning on a condition that needs time to clear.
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        if std::mem::take(&mut failing) {
+            tracing::info!("admin listener accepting connections again");
+        }
         let state = state.clone();
-        tokio::spawn(async move {
+        connections.spawn(async move {
             let service = hyper::service::service_fn(move |request| route(state.clone(), request));
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), service)

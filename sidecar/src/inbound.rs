@@ -1,17 +1,24 @@
 //! The inbound role: peer sidecars' calls arrive over QUIC/HTTP/3 (mutual TLS checked by the
 //! handshake), and each is handed to the local app over a pooled h2c connection. The app's
 //! response, trailers-only or streamed, goes back unchanged.
+//!
+//! A call the app never processed (it was refused, or fell above the last-stream-id of the
+//! app's GOAWAY while it restarts) is reset with H3_REQUEST_REJECTED, so the caller's sidecar
+//! retries it elsewhere without the caller noticing. On shutdown the listener refuses new
+//! connections, sends HTTP/3 GOAWAY on the open ones and lets their calls finish, bounded.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 use h3::error::Code as H3Code;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, Uri};
 use http_body::Body;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
+use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::Instant;
 
 use crate::metrics::{metrics, DirectionLabels, StatusLabels};
@@ -25,19 +32,57 @@ type PeerRecv = h3::server::RequestStream<h3_quinn::RecvStream, Bytes>;
 type PeerSend = h3::server::RequestStream<h3_quinn::SendStream<Bytes>, Bytes>;
 type AppSender = h2::client::SendRequest<Bytes>;
 
+/// HTTP/3's "no error" code (RFC 9114): a deliberate, clean close.
+const H3_NO_ERROR: u32 = 0x100;
+/// The longest a draining connection stays open after its GOAWAY for requests the peer sent
+/// before the GOAWAY reached it (see [`serve_connection`]); normally two round trips.
+const MAX_SETTLE: Duration = Duration::from_secs(1);
+
 #[derive(Debug, thiserror::Error)]
 #[error("local app at {address}: {reason}")]
 pub struct AppError {
     address: SocketAddr,
     reason: String,
-    /// True when the call certainly never reached the app (no connection could be made).
-    not_sent: bool,
+    failure: AppFailure,
+}
+
+/// What the app's failure to answer a call means for the caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AppFailure {
+    /// The app certainly did not process the call: safe to retry anywhere.
+    NotProcessed,
+    /// The stream was reset after the app may have started on it: the app's own word, so the
+    /// caller sees the status gRPC's HTTP/2 mapping gives it, and no retry of work done.
+    Reset(h2::Reason),
+    /// The connection to the app failed under the call: a transport loss (UNAVAILABLE).
+    Lost,
+}
+
+/// Classifies an error the app's h2 connection reports for a stream before its response.
+///
+/// The app did not process a stream when it refused it (REFUSED_STREAM, RFC 9113 §8.7) or when
+/// the stream's id is above the last-stream-id of a GOAWAY it sent (§6.8, whatever its error
+/// code). h2 reports the latter, and only the latter, as a GOAWAY error from the remote: for
+/// streams at or below that id it reports the connection's later end (an I/O error) instead.
+/// A REFUSED_STREAM that h2 itself produced is not the app's promise, so only remote ones count.
+fn classify(error: &h2::Error) -> AppFailure {
+    let refused = error.is_reset() && error.reason() == Some(h2::Reason::REFUSED_STREAM);
+    if error.is_remote() && (error.is_go_away() || refused) {
+        return AppFailure::NotProcessed;
+    }
+    match error.reason() {
+        Some(reason) if error.is_reset() => AppFailure::Reset(reason),
+        // I/O errors, a GOAWAY h2 sent over the app's protocol error, misuse: the connection.
+        _ => AppFailure::Lost,
+    }
 }
 
 struct AppConnection {
     sender: AppSender,
     /// Set when the connection's task ends: the app closed it or it failed.
     closed: Arc<AtomicBool>,
+    /// The connection's task, stopped with the client.
+    driver: AbortHandle,
 }
 
 /// One multiplexed h2c connection to the local app, re-opened when it drops (app restart).
@@ -50,6 +95,22 @@ pub struct AppClient {
     authority: Authority,
     live: Mutex<Option<AppConnection>>,
     connecting: tokio::sync::Mutex<()>,
+    /// Set while calls are being rejected, so a restarting app is logged once, not per call.
+    rejecting: AtomicBool,
+}
+
+impl Drop for AppClient {
+    /// A replaced connection's task ends on its own (it is closed or going away); the current
+    /// one would idle on until the process exits.
+    fn drop(&mut self) {
+        let live = self
+            .live
+            .get_mut()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(connection) = live {
+            connection.driver.abort();
+        }
+    }
 }
 
 impl AppClient {
@@ -59,7 +120,13 @@ impl AppClient {
             authority: Authority::try_from(address.to_string().as_str())?,
             live: Mutex::new(None),
             connecting: tokio::sync::Mutex::new(()),
+            rejecting: AtomicBool::new(false),
         })
+    }
+
+    /// The local app's address.
+    pub fn address(&self) -> SocketAddr {
+        self.address
     }
 
     /// The pooled connection, unless it is known to be closed; with its `closed` flag.
@@ -84,7 +151,7 @@ impl AppClient {
         let failed = |reason: String| AppError {
             address: self.address,
             reason,
-            not_sent: true,
+            failure: AppFailure::NotProcessed,
         };
         let stream = tokio::net::TcpStream::connect(self.address)
             .await
@@ -97,9 +164,10 @@ impl AppClient {
         let address = self.address;
         let closed = Arc::new(AtomicBool::new(false));
         let closed_when_done = closed.clone();
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::info!(%address, %error, "connection to the local app lost");
+        let driver = tokio::spawn(async move {
+            match connection.await {
+                Ok(()) => tracing::debug!(%address, "local app closed its connection"),
+                Err(error) => tracing::info!(%address, %error, "connection to the local app lost"),
             }
             closed_when_done.store(true, Ordering::Release);
         });
@@ -109,12 +177,14 @@ impl AppClient {
             .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(AppConnection {
             sender: sender.clone(),
             closed: closed.clone(),
+            driver: driver.abort_handle(),
         });
         Ok((sender, closed))
     }
 
     /// Opens the call's stream to the app and queues its headers. Nothing has reached the app
-    /// when this fails. A connection that turns out dead (the app restarted) is replaced once.
+    /// when this fails. A connection that turns out dead or going away (the app restarted, or
+    /// sent GOAWAY) is replaced once.
     async fn open(
         &self,
         request: Request<()>,
@@ -123,7 +193,7 @@ impl AppClient {
         let failed = |error: h2::Error| AppError {
             address: self.address,
             reason: error.to_string(),
-            not_sent: true,
+            failure: AppFailure::NotProcessed,
         };
         let (sender, closed) = self.sender().await?;
         let mut ready = match sender.ready().await {
@@ -139,61 +209,141 @@ impl AppClient {
         ready.send_request(request, end_of_stream).map_err(failed)
     }
 
-    /// The app's response headers. A stream the app refused never reached it (RFC 9113 §8.7).
+    /// The app's response headers.
     async fn response(
         &self,
         response: h2::client::ResponseFuture,
     ) -> Result<Response<h2::RecvStream>, AppError> {
         response.await.map_err(|error| AppError {
             address: self.address,
-            not_sent: error.reason() == Some(h2::Reason::REFUSED_STREAM),
+            failure: classify(&error),
             reason: error.to_string(),
         })
     }
-}
 
-/// Accepts peer connections until the endpoint closes.
-pub async fn serve(endpoint: quinn::Endpoint, app: Arc<AppClient>) {
-    while let Some(incoming) = endpoint.accept().await {
-        let app = app.clone();
-        tokio::spawn(async move {
-            let remote = incoming.remote_address();
-            let connection = match incoming.await {
-                Ok(connection) => connection,
-                Err(error) => {
-                    // Most often a peer without a certificate from our CA: worth seeing in logs.
-                    tracing::info!(%remote, reason = %crate::wire::quic::describe_connection_error(&error), "refused peer connection");
-                    return;
-                }
-            };
-            let direction = DirectionLabels {
-                direction: "inbound",
-            };
-            metrics()
-                .quic_connections_opened
-                .get_or_create(&direction)
-                .inc();
-            let watched = connection.clone();
-            serve_connection(connection, app).await;
-            if let Some(reason) = watched.close_reason() {
-                let clean = matches!(&reason, quinn::ConnectionError::ApplicationClosed(close) if close.error_code.into_inner() == 0x100 || close.error_code.into_inner() == 0)
-                    || matches!(reason, quinn::ConnectionError::LocallyClosed);
-                if !clean {
-                    metrics()
-                        .quic_connections_lost
-                        .get_or_create(&direction)
-                        .inc();
-                }
-            }
-        });
+    /// Notes a call the app did not take; logs only the first of a run.
+    fn note_rejected(&self, error: &AppError) {
+        if !self.rejecting.swap(true, Ordering::AcqRel) {
+            tracing::warn!(app = %self.address, reason = %error.reason, "local app not taking calls; rejecting them so callers retry elsewhere");
+        }
+    }
+
+    /// Notes a call the app answered; ends a run of rejections.
+    fn note_answered(&self) {
+        // A load first: the common case stays a plain read, not a write to a shared line.
+        if self.rejecting.load(Ordering::Acquire) && self.rejecting.swap(false, Ordering::AcqRel) {
+            tracing::info!(app = %self.address, "local app taking calls again");
+        }
     }
 }
 
-async fn serve_connection(connection: quinn::Connection, app: Arc<AppClient>) {
+/// Accepts peer connections until `shutdown` fires (or the endpoint closes). Then it refuses new
+/// connections, has every open one send GOAWAY and finish its calls, and after `drain` stops
+/// the connections still open.
+pub async fn serve(
+    endpoint: quinn::Endpoint,
+    app: Arc<AppClient>,
+    mut shutdown: watch::Receiver<bool>,
+    drain: Duration,
+) {
+    let stop = shutdown.clone();
+    let mut peers = JoinSet::new();
+    loop {
+        tokio::select! {
+            incoming = endpoint.accept() => match incoming {
+                Some(incoming) => {
+                    peers.spawn(serve_peer(incoming, app.clone(), stop.clone()));
+                }
+                None => return,
+            },
+            Some(ended) = peers.join_next() => report_panic(ended),
+            // A dropped sender also means stop: nobody is left to say otherwise.
+            _ = shutdown.wait_for(|stop| *stop) => break,
+        }
+    }
+
+    tracing::info!(connections = peers.len(), grace = ?drain, "inbound draining: refusing new peer connections");
+    let deadline = Instant::now() + drain;
+    let mut refused = 0u64;
+    loop {
+        tokio::select! {
+            incoming = endpoint.accept() => match incoming {
+                // Refused outright, so the peer moves on at once instead of timing out.
+                Some(incoming) => {
+                    refused += 1;
+                    incoming.refuse();
+                }
+                None => break,
+            },
+            ended = peers.join_next() => match ended {
+                Some(ended) => report_panic(ended),
+                None => break,
+            },
+            _ = tokio::time::sleep_until(deadline) => {
+                tracing::warn!(connections = peers.len(), grace = ?drain, "inbound drain time is up; closing connections with calls still open");
+                break;
+            }
+        }
+    }
+    peers.shutdown().await;
+    tracing::info!(refused, "inbound drained");
+}
+
+fn report_panic(ended: Result<(), tokio::task::JoinError>) {
+    if let Err(error) = ended {
+        if error.is_panic() {
+            tracing::error!(%error, "peer connection task panicked");
+        }
+    }
+}
+
+/// One peer connection: the handshake, its calls, and the metrics of how it ended.
+async fn serve_peer(
+    incoming: quinn::Incoming,
+    app: Arc<AppClient>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let remote = incoming.remote_address();
+    let connection = match incoming.await {
+        Ok(connection) => connection,
+        Err(error) => {
+            // Most often a peer without a certificate from our CA: worth seeing in logs.
+            tracing::info!(%remote, reason = %crate::wire::quic::describe_connection_error(&error), "refused peer connection");
+            return;
+        }
+    };
+    let direction = DirectionLabels {
+        direction: "inbound",
+    };
+    metrics()
+        .quic_connections_opened
+        .get_or_create(&direction)
+        .inc();
+    let watched = connection.clone();
+    serve_connection(connection, app, shutdown).await;
+    if let Some(reason) = watched.close_reason() {
+        let clean = matches!(&reason, quinn::ConnectionError::ApplicationClosed(close) if close.error_code.into_inner() == u64::from(H3_NO_ERROR) || close.error_code.into_inner() == 0)
+            || matches!(reason, quinn::ConnectionError::LocallyClosed);
+        if !clean {
+            metrics()
+                .quic_connections_lost
+                .get_or_create(&direction)
+                .inc();
+        }
+    }
+}
+
+/// Serves one peer connection's calls until the peer closes it, or, once `shutdown` fires,
+/// until its calls have finished after our GOAWAY; then closes it cleanly.
+async fn serve_connection(
+    connection: quinn::Connection,
+    app: Arc<AppClient>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let remote = connection.remote_address();
     let mut h3_connection = match h3::server::builder()
         .send_grease(false)
-        .build::<_, Bytes>(h3_quinn::Connection::new(connection))
+        .build::<_, Bytes>(h3_quinn::Connection::new(connection.clone()))
         .await
     {
         Ok(h3_connection) => h3_connection,
@@ -202,31 +352,64 @@ async fn serve_connection(connection: quinn::Connection, app: Arc<AppClient>) {
             return;
         }
     };
+    // Every call holds a receiver: `closed()` resolves once none is open. Cheaper per call than
+    // a JoinSet, which would wake this task each time a call ends.
+    let (calls, _) = watch::channel(());
+    // Set once our GOAWAY is out: from then on the connection ends when its calls are done.
+    let mut settled: Option<Instant> = None;
     loop {
-        match h3_connection.accept().await {
-            Ok(Some(resolver)) => {
-                let app = app.clone();
-                // Boxed: the call's future is 5 KiB, which a task would copy on spawn and again
-                // at its end (see `h2_settings::BoxingExecutor`).
-                tokio::spawn(Box::pin(async move {
-                    match resolver.resolve_request().await {
-                        Ok((request, stream)) => {
-                            let (send, recv) = stream.split();
-                            handle_call(request, send, recv, &app).await;
-                        }
-                        Err(error) => tracing::debug!(%remote, %error, "peer request unreadable"),
+        let resolver = tokio::select! {
+            accepted = h3_connection.accept() => match accepted {
+                Ok(Some(resolver)) => resolver,
+                Ok(None) => break,
+                Err(error) => {
+                    if !error.is_h3_no_error() {
+                        tracing::debug!(%remote, %error, "peer connection ended");
                     }
-                }));
-            }
-            Ok(None) => break,
-            Err(error) => {
-                if !error.is_h3_no_error() {
-                    tracing::debug!(%remote, %error, "peer connection ended");
+                    break;
                 }
-                break;
+            },
+            // The wait's result borrows the channel: dropped here, before the GOAWAY is awaited.
+            _ = async { shutdown.wait_for(|stop| *stop).await.map(drop) }, if settled.is_none() => {
+                // Requests above the last one accepted are now refused by h3 with
+                // H3_REQUEST_REJECTED, which the caller retries elsewhere.
+                if let Err(error) = h3_connection.shutdown(0).await {
+                    tracing::debug!(%remote, %error, "GOAWAY to peer failed");
+                    break;
+                }
+                // A request the peer sent before our GOAWAY reached it may still be on its
+                // way: stay open about two round trips so it is refused rather than lost.
+                settled = Some(Instant::now() + (connection.rtt() * 2).min(MAX_SETTLE));
+                continue;
+            },
+            _ = calls_done(&calls, settled), if settled.is_some() => break,
+        };
+        let app = app.clone();
+        let open = calls.subscribe();
+        // Boxed: the call's future is 5 KiB, which a task would copy on spawn and again at its
+        // end (see `h2_settings::BoxingExecutor`).
+        tokio::spawn(Box::pin(async move {
+            match resolver.resolve_request().await {
+                Ok((request, stream)) => {
+                    let (send, recv) = stream.split();
+                    handle_call(request, send, recv, &app).await;
+                }
+                Err(error) => tracing::debug!(%remote, %error, "peer request unreadable"),
             }
-        }
+            drop(open);
+        }));
     }
+    if settled.is_some() {
+        connection.close(quinn::VarInt::from_u32(H3_NO_ERROR), b"shutdown");
+    }
+}
+
+/// Resolves once `settle` has passed and no call is open.
+async fn calls_done(calls: &watch::Sender<()>, settle: Option<Instant>) {
+    if let Some(settle) = settle {
+        tokio::time::sleep_until(settle).await;
+    }
+    calls.closed().await;
 }
 
 async fn handle_call(request: Request<()>, mut send: PeerSend, recv: PeerRecv, app: &AppClient) {
@@ -293,6 +476,7 @@ async fn handle_call(request: Request<()>, mut send: PeerSend, recv: PeerRecv, a
                 return;
             }
         };
+        app.note_answered();
         metrics()
             .inbound_calls
             .get_or_create(&StatusLabels {
@@ -325,31 +509,139 @@ async fn handle_call(request: Request<()>, mut send: PeerSend, recv: PeerRecv, a
     }
 }
 
-/// Answers a call the app did not take. One that never reached it is reset with
+/// Answers a call the app did not take. One it never processed is reset with
 /// H3_REQUEST_REJECTED, which tells the caller it is safe to retry elsewhere (gRFC G2) and its
-/// sidecar does so transparently; any other failure becomes an UNAVAILABLE status.
+/// sidecar does so transparently. One the app reset is reset with the matching HTTP/3 code, so
+/// the caller sees the status gRPC maps the app's reset to; a lost connection is UNAVAILABLE.
 async fn reject(send: &mut PeerSend, app: &AppClient, error: AppError) {
-    if error.not_sent {
-        tracing::warn!(app = %app.address, reason = %error.reason, "local app unreachable; call rejected");
-        metrics()
-            .inbound_calls
-            .get_or_create(&StatusLabels { status: "REJECTED" })
-            .inc();
-        send.reset(H3Code::H3_REQUEST_REJECTED);
-        return;
-    }
+    let status = match error.failure {
+        AppFailure::NotProcessed => {
+            app.note_rejected(&error);
+            send.reset(H3Code::H3_REQUEST_REJECTED);
+            "REJECTED"
+        }
+        AppFailure::Reset(reason) => {
+            tracing::debug!(app = %app.address, %reason, "local app reset a call before answering");
+            send.reset(grpc::h3_code_for_h2_reason(reason));
+            "RESET"
+        }
+        AppFailure::Lost => {
+            send_status(send, Code::Unavailable, &error.to_string()).await;
+            "UNAVAILABLE"
+        }
+    };
     metrics()
         .inbound_calls
-        .get_or_create(&StatusLabels {
-            status: "UNAVAILABLE",
-        })
+        .get_or_create(&StatusLabels { status })
         .inc();
-    send_status(send, Code::Unavailable, &error.to_string()).await;
 }
 
 async fn send_status(send: &mut PeerSend, code: Code, message: &str) {
     let response = grpc::trailers_only_response(code, message, ());
     if send.send_response(response).await.is_ok() {
         let _ = send.finish().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// An empty SETTINGS frame: the server's connection preface.
+    const SETTINGS: [u8; 9] = [0, 0, 0, 4, 0, 0, 0, 0, 0];
+
+    fn go_away(last_stream_id: u8, reason: h2::Reason) -> Vec<u8> {
+        let mut frame = vec![0, 0, 8, 7, 0, 0, 0, 0, 0, 0, 0, 0, last_stream_id];
+        frame.extend_from_slice(&u32::from(reason).to_be_bytes());
+        frame
+    }
+
+    fn reset_stream_1(reason: h2::Reason) -> Vec<u8> {
+        let mut frame = vec![0, 0, 4, 3, 0, 0, 0, 0, 1];
+        frame.extend_from_slice(&u32::from(reason).to_be_bytes());
+        frame
+    }
+
+    /// Sends one request (stream 1) through a real h2 client to a scripted app that answers
+    /// with `frames` and then, if `hang_up`, closes the connection; returns how h2 reports the
+    /// stream's end to the caller.
+    async fn stream_error(frames: Vec<u8>, hang_up: bool) -> h2::Error {
+        let (client_io, mut app_io) = tokio::io::duplex(1 << 16);
+        let (mut sender, connection) = h2::client::handshake(client_io).await.unwrap();
+        tokio::spawn(connection);
+        let request = Request::post("http://app/echo.Echo/Get").body(()).unwrap();
+        let (response, _body) = sender.send_request(request, false).unwrap();
+        app_io.write_all(&SETTINGS).await.unwrap();
+        // Answered only once the request is there: h2 takes a reset of a stream it has not
+        // opened yet as a protocol error.
+        read_until_headers(&mut app_io).await;
+        app_io.write_all(&frames).await.unwrap();
+        // Kept open unless the script hangs up: an end of the connection is news of its own.
+        let app_io = (!hang_up).then_some(app_io);
+        let error = response.await.unwrap_err();
+        drop(app_io);
+        error
+    }
+
+    /// Reads the client's preface and frames up to its first HEADERS frame.
+    async fn read_until_headers(io: &mut tokio::io::DuplexStream) {
+        let mut preface = [0; 24];
+        io.read_exact(&mut preface).await.unwrap();
+        loop {
+            let mut header = [0; 9];
+            io.read_exact(&mut header).await.unwrap();
+            let length = u32::from_be_bytes([0, header[0], header[1], header[2]]) as usize;
+            let mut payload = vec![0; length];
+            io.read_exact(&mut payload).await.unwrap();
+            if header[3] == 1 {
+                return;
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn streams_above_the_apps_goaway_were_not_processed() {
+        let error = stream_error(go_away(0, h2::Reason::NO_ERROR), false).await;
+        assert_eq!(classify(&error), AppFailure::NotProcessed, "{error:?}");
+        // Whatever the GOAWAY's error code (RFC 9113 §6.8).
+        let error = stream_error(go_away(0, h2::Reason::INTERNAL_ERROR), false).await;
+        assert_eq!(classify(&error), AppFailure::NotProcessed, "{error:?}");
+    }
+
+    #[tokio::test]
+    async fn a_stream_within_the_goaway_that_then_loses_its_connection_was_maybe_processed() {
+        let error = stream_error(go_away(1, h2::Reason::NO_ERROR), true).await;
+        assert_eq!(classify(&error), AppFailure::Lost, "{error:?}");
+    }
+
+    #[tokio::test]
+    async fn a_stream_the_app_refused_was_not_processed() {
+        let error = stream_error(reset_stream_1(h2::Reason::REFUSED_STREAM), false).await;
+        assert_eq!(classify(&error), AppFailure::NotProcessed, "{error:?}");
+    }
+
+    #[tokio::test]
+    async fn other_resets_from_the_app_keep_their_reason() {
+        for reason in [
+            h2::Reason::CANCEL,
+            h2::Reason::INTERNAL_ERROR,
+            h2::Reason::ENHANCE_YOUR_CALM,
+        ] {
+            let error = stream_error(reset_stream_1(reason), false).await;
+            assert_eq!(classify(&error), AppFailure::Reset(reason), "{error:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_connection_that_just_ends_is_a_transport_loss() {
+        let error = stream_error(Vec::new(), true).await;
+        assert_eq!(classify(&error), AppFailure::Lost, "{error:?}");
+    }
+
+    #[test]
+    fn a_refusal_the_app_did_not_send_promises_nothing() {
+        let local = h2::Error::from(h2::Reason::REFUSED_STREAM);
+        assert_eq!(classify(&local), AppFailure::Lost);
     }
 }

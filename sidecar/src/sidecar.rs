@@ -1,29 +1,46 @@
-//! Start-up and shutdown: validates everything and binds every socket before serving anything
-//! (so a bad certificate or a port in use is one error and nothing half-started), then runs the
-//! outbound listeners, the inbound QUIC listener and the admin listener until told to stop.
+//! Start-up and shutdown. [`start`] runs four steps, each one job:
+//!
+//! 1. **bind**: load TLS and bind every socket, and check everything else that can be wrong with
+//!    the config, before anything runs, so a bad certificate or a port in use is one error and
+//!    nothing half-started;
+//! 2. **build**: the state calls share (Kubernetes client, live policy, QUIC pool, upstreams);
+//! 3. **spawn**: the background tasks that keep that state current (our zone, the tier order,
+//!    live config, pool eviction);
+//! 4. **serve**: the outbound, inbound and admin listeners.
+//!
+//! Every long-lived task started here is held in [`Running`], and [`Running::shutdown`] stops
+//! them all: listeners first (they drain their open calls), then everything else.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
 
 use crate::admin::AdminState;
-use crate::config::live::{LivePolicy, PolicyWatch};
-use crate::config::Config;
+use crate::config::live::{Applier, LivePolicy, PolicyWatch};
+use crate::config::{Config, Tier};
 use crate::endpoints;
-use crate::endpoints::discovery::{self, DiscoveryError, ServiceRef};
-use crate::endpoints::ranking::{spawn_ranking, Locality, LocalityWatch};
+use crate::endpoints::discovery::{self, DiscoveryError, NodeZones, ServiceRef};
+use crate::endpoints::ranking::{spawn_ranking, Locality};
 use crate::inbound::AppClient;
 use crate::outbound::replay::{ReplayBudget, PER_PROCESS_LIMIT};
-use crate::outbound::upstream::RetryThrottle;
-use crate::outbound::upstream::Upstream;
+use crate::outbound::upstream::{RetryThrottle, Upstream, UpstreamMetrics};
 use crate::wire::quic::{self, ConnectionPool, TransportError};
 use crate::wire::tls::{TlsError, TlsMaterial};
 
-/// How long open calls may run on after a shutdown signal.
+/// How long open calls may run on after a shutdown signal. Kubernetes' default termination
+/// grace period is 30 s; 10 s leaves the app's own shutdown most of it.
 const DRAIN: Duration = Duration::from_secs(10);
+/// Extra time for a listener to finish its own cleanup after its drain, before it is aborted.
+const DRAIN_MARGIN: Duration = Duration::from_secs(1);
+/// How long closed QUIC connections may take to tell their peers, so they see a clean close
+/// rather than an idle timeout.
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -65,25 +82,22 @@ pub struct Bound {
     pub admin: SocketAddr,
 }
 
+/// A long-lived task and the name it is reported under if it panicked.
+type Task = (&'static str, JoinHandle<()>);
+
 pub struct Running {
     pub bound: Bound,
     /// Publishes config changes that apply live (retry policy, outlier detection, tiers).
-    pub policy: tokio::sync::watch::Sender<Arc<LivePolicy>>,
-    shutdown: tokio::sync::watch::Sender<bool>,
+    pub policy: watch::Sender<Arc<LivePolicy>>,
+    shutdown: watch::Sender<bool>,
     admin: Arc<AdminState>,
     pool: Option<Arc<ConnectionPool>>,
     inbound: Option<quinn::Endpoint>,
-    outbound_tasks: Vec<tokio::task::JoinHandle<()>>,
-}
-
-async fn bind_tcp(field: String, address: SocketAddr) -> Result<TcpListener, StartError> {
-    TcpListener::bind(address)
-        .await
-        .map_err(|source| StartError::Bind {
-            field,
-            address,
-            source,
-        })
+    /// The outbound and inbound listeners: on shutdown they stop taking calls and drain.
+    listeners: Vec<Task>,
+    /// Tasks that keep state current, and the admin listener (so `/ready` keeps answering 503
+    /// while the listeners drain): stopped once the listeners are done.
+    background: Vec<Task>,
 }
 
 /// Binds and starts everything the config describes.
@@ -92,17 +106,39 @@ pub async fn start(config: Config, options: StartOptions) -> Result<Running, Sta
         Some(paths) => Some(TlsMaterial::load(paths)?),
         None => None,
     };
-    let here = Locality::from_env();
+    let sockets = bind(&config, tls.as_ref()).await?;
+    let (built, feeds) = build(&config, &options, tls.as_ref()).await?;
+    let (shutdown, stop) = watch::channel(false);
+    let background = spawn(&config, &options, &built, feeds);
+    Ok(serve(sockets, built, background, shutdown, stop))
+}
 
-    // Bind every socket before serving anything.
-    let mut outbound_listeners = Vec::new();
-    for (index, outbound) in config.outbound.iter().enumerate() {
-        outbound_listeners
-            .push(bind_tcp(format!("outbound[{index}].listen"), outbound.listen).await?);
+// ---- 1. bind ----------------------------------------------------------------------------------
+
+/// Every socket the config names, bound, with the local app's client for the inbound role.
+struct Sockets {
+    outbound: Vec<TcpListener>,
+    admin: TcpListener,
+    inbound: Option<(quinn::Endpoint, AppClient)>,
+    bound: Bound,
+}
+
+async fn bind(config: &Config, tls: Option<&TlsMaterial>) -> Result<Sockets, StartError> {
+    let mut outbound = Vec::new();
+    let mut outbound_addresses = Vec::new();
+    for (index, entry) in config.outbound.iter().enumerate() {
+        let field = format!("outbound[{index}].listen");
+        let (listener, address) = bind_tcp(field, entry.listen).await?;
+        outbound.push(listener);
+        outbound_addresses.push(address);
     }
-    let admin_listener = bind_tcp("admin.listen".to_string(), config.admin.listen).await?;
-    let inbound = match (&config.inbound, &tls) {
+    let (admin, admin_address) = bind_tcp("admin.listen".to_string(), config.admin.listen).await?;
+    let inbound = match (&config.inbound, tls) {
         (Some(inbound), Some(tls)) => {
+            let app = AppClient::new(inbound.forward).map_err(|error| StartError::Unsupported {
+                field: "inbound.forward".to_string(),
+                message: format!("{} cannot be an HTTP authority: {error}", inbound.forward),
+            })?;
             let mut server = quinn::ServerConfig::with_crypto(Arc::new(tls.quic_server_config()?));
             server.transport_config(quic::transport_config());
             let endpoint = quic::endpoint(inbound.listen, Some(server)).map_err(|source| {
@@ -111,170 +147,206 @@ pub async fn start(config: Config, options: StartOptions) -> Result<Running, Sta
                     source,
                 }
             })?;
-            Some((endpoint, inbound.forward))
+            Some((endpoint, app))
         }
+        // Validation requires `tls` with `inbound`.
         _ => None,
     };
+    let bound = Bound {
+        outbound: outbound_addresses,
+        inbound: inbound
+            .as_ref()
+            .and_then(|(endpoint, _)| endpoint.local_addr().ok()),
+        admin: admin_address,
+    };
+    Ok(Sockets {
+        outbound,
+        admin,
+        inbound,
+        bound,
+    })
+}
 
-    let pool = match &tls {
+async fn bind_tcp(
+    field: String,
+    address: SocketAddr,
+) -> Result<(TcpListener, SocketAddr), StartError> {
+    let failed = |source| StartError::Bind {
+        field: field.clone(),
+        address,
+        source,
+    };
+    let listener = TcpListener::bind(address).await.map_err(failed)?;
+    let local = listener.local_addr().map_err(failed)?;
+    Ok((listener, local))
+}
+
+// ---- 2. build ---------------------------------------------------------------------------------
+
+/// The state calls share.
+struct Built {
+    pool: Option<Arc<ConnectionPool>>,
+    kube: Option<kube::Client>,
+    policy: watch::Sender<Arc<LivePolicy>>,
+    /// One per `config.outbound` entry, in the same order as its listener.
+    upstreams: Vec<Arc<Upstream>>,
+}
+
+/// What the spawn step runs to keep the built state current.
+struct Feeds {
+    /// Set when our zone comes from the Node watch.
+    zone: Option<ZoneFeed>,
+    tiers: TiersFeed,
+}
+
+/// What an outbound entry's upstream is named and reached by, checked before anything starts.
+struct Target {
+    name: Arc<str>,
+    server_name: Arc<str>,
+    authority: http::uri::Authority,
+}
+
+async fn build(
+    config: &Config,
+    options: &StartOptions,
+    tls: Option<&TlsMaterial>,
+) -> Result<(Built, Feeds), StartError> {
+    // Everything that can fail comes before the first upstream, whose discovery and ranking
+    // tasks start as it is made.
+    let targets = targets(config)?;
+    let pool = match tls {
         Some(tls) if !config.outbound.is_empty() => {
             Some(Arc::new(ConnectionPool::new(tls.quic_client_config()?)))
         }
         _ => None,
     };
-    let kube = if config
-        .outbound
-        .iter()
-        .any(|outbound| outbound.service.is_some())
-    {
+    let discovers = config.outbound.iter().any(|entry| entry.service.is_some());
+    let kube = if discovers || options.configmap.is_some() {
         Some(discovery::client(options.kubeconfig.as_deref()).await?)
     } else {
         None
     };
-    let locality = locality_watch(here, kube.clone());
-    let (policy_sender, policy) =
-        tokio::sync::watch::channel(Arc::new(LivePolicy::from_config(&config)));
-    let tiers = tiers_of(&policy);
+
+    let here = Locality::from_env();
+    let (locality, zones, zone_feed) = match kube.as_ref().filter(|_| discovers) {
+        Some(client) => {
+            let zones = discovery::watch_node_zones(client.clone());
+            let (sender, locality) = watch::channel(here.clone());
+            let feed = ZoneFeed {
+                here,
+                zones: zones.clone(),
+                locality: sender,
+            };
+            (locality, zones, Some(feed))
+        }
+        // Both stay as they are: their senders are gone, which rankings read as "fixed".
+        None => (
+            watch::channel(here).1,
+            watch::channel(Default::default()).1,
+            None,
+        ),
+    };
+    let (policy_sender, mut policy) = watch::channel(Arc::new(LivePolicy::from_config(config)));
+    let (tiers_sender, tiers) = watch::channel(policy.borrow_and_update().tiers.clone());
+    let tiers_feed = TiersFeed {
+        policy: policy.clone(),
+        tiers: tiers_sender,
+    };
+
     let replay_budget = ReplayBudget::new(PER_PROCESS_LIMIT);
     crate::metrics::metrics().init_process();
     let mut upstreams = Vec::new();
-    for outbound in &config.outbound {
-        let source = match (&outbound.endpoints, &outbound.service, &kube) {
-            (Some(list), _, _) => endpoints::static_endpoints(list),
-            (None, Some(service), Some(client)) => discovery::watch_service(
-                client.clone(),
-                ServiceRef::parse(service, &pod_namespace(client)),
-                zones_of(&locality),
-            ),
-            // Validation guarantees one of `endpoints` and `service`, and a client exists
-            // whenever a service is named.
-            _ => continue,
-        };
-        let Some(pool) = pool.clone() else {
+    for (entry, target) in config.outbound.iter().zip(targets) {
+        let (Some(pool), Some(source)) =
+            (pool.clone(), endpoint_source(entry, kube.as_ref(), &zones))
+        else {
+            // Unreachable: `targets` refused entries without TLS or an endpoint source, and a
+            // client exists whenever a Service is named.
             return Err(StartError::Unsupported {
-                field: "tls".to_string(),
-                message: "outbound upstreams need TLS".to_string(),
+                field: format!("outbound[{}]", upstreams.len()),
+                message: "no TLS or no endpoint source".to_string(),
             });
         };
-        let server_name = outbound.server_name();
-        let authority = http::uri::Authority::try_from(server_name).map_err(|error| {
-            StartError::Unsupported {
-                field: "outbound[].serverName".to_string(),
-                message: format!("{server_name:?} cannot be an HTTP authority: {error}"),
-            }
-        })?;
-        crate::metrics::metrics().init_upstream(&outbound.upstream_name());
         upstreams.push(Arc::new(Upstream {
-            name: outbound.upstream_name().into(),
-            server_name: server_name.into(),
-            authority,
-            ranking: spawn_ranking(source, locality.0.clone(), tiers.clone()),
+            metrics: UpstreamMetrics::resolve(&target.name),
+            name: target.name,
+            server_name: target.server_name,
+            authority: target.authority,
+            ranking: spawn_ranking(source, locality.clone(), tiers.clone()),
             pool,
             policy: policy.clone(),
             throttle: RetryThrottle::default(),
             replay_budget: replay_budget.clone(),
         }));
     }
-
-    let applier = crate::config::live::Applier::new(config.clone(), policy_sender.clone());
-    if let Some(path) = &options.config_path {
-        crate::config::live::watch_file(path.clone(), applier.clone());
-    }
-    if let (Some(name), Some(client)) = (&options.configmap, &kube) {
-        crate::config::live::watch_configmap(
-            client.clone(),
-            pod_namespace(client),
-            name.clone(),
-            applier,
-        );
-    }
-
-    let (shutdown, shutdown_watch) = tokio::sync::watch::channel(false);
-    let mut bound = Bound {
-        outbound: Vec::new(),
-        inbound: None,
-        admin: admin_listener
-            .local_addr()
-            .map_err(|source| StartError::Bind {
-                field: "admin.listen".to_string(),
-                address: config.admin.listen,
-                source,
-            })?,
-    };
-    let mut outbound_tasks = Vec::new();
-    for (listener, upstream) in outbound_listeners.into_iter().zip(&upstreams) {
-        if let Ok(address) = listener.local_addr() {
-            bound.outbound.push(address);
-            tracing::info!(upstream = %upstream.name, %address, "outbound listener serving");
-        }
-        outbound_tasks.push(tokio::spawn(crate::outbound::serve(
-            listener,
-            upstream.clone(),
-            shutdown_watch.clone(),
-            DRAIN,
-        )));
-    }
-    let inbound_endpoint = match inbound {
-        Some((endpoint, forward)) => {
-            bound.inbound = endpoint.local_addr().ok();
-            tracing::info!(listen = ?bound.inbound, %forward, "inbound QUIC listener serving");
-            let app = AppClient::new(forward).map_err(|error| StartError::Unsupported {
-                field: "inbound.forward".to_string(),
-                message: format!("{forward} cannot be an HTTP authority: {error}"),
-            })?;
-            tokio::spawn(crate::inbound::serve(endpoint.clone(), Arc::new(app)));
-            Some(endpoint)
-        }
-        None => None,
-    };
-    let admin = Arc::new(AdminState {
-        started: Default::default(),
-        draining: Default::default(),
-        upstreams: upstreams
-            .iter()
-            .map(|u| (u.name.clone(), u.ranking.clone()))
-            .collect(),
-    });
-    tokio::spawn(crate::admin::serve(admin_listener, admin.clone()));
-    admin.started.store(true, Ordering::Release);
-    tracing::info!(admin = %bound.admin, "sidecar started");
-    Ok(Running {
-        bound,
-        policy: policy_sender,
-        shutdown,
-        admin,
+    let built = Built {
         pool,
-        inbound: inbound_endpoint,
-        outbound_tasks,
-    })
+        kube,
+        policy: policy_sender,
+        upstreams,
+    };
+    let feeds = Feeds {
+        zone: zone_feed,
+        tiers: tiers_feed,
+    };
+    Ok((built, feeds))
 }
 
-/// Our locality, and the node zones it was derived from. Without Kubernetes both are fixed; with
-/// it the zone of our node arrives from the Node watch (unless `ZONE` is set explicitly).
-type LocalityParts = (LocalityWatch, Option<discovery::NodeZones>);
-
-fn locality_watch(here: Locality, kube: Option<kube::Client>) -> LocalityParts {
-    let Some(client) = kube else {
-        return (tokio::sync::watch::channel(here).1, None);
-    };
-    let zones = discovery::watch_node_zones(client);
-    let (sender, receiver) = tokio::sync::watch::channel(here.clone());
-    let mut updates = zones.clone();
-    tokio::spawn(async move {
-        while updates.changed().await.is_ok() {
-            let zone = match (&here.zone, &here.node_name) {
-                (Some(explicit), _) => Some(explicit.clone()),
-                (None, Some(node)) => updates.borrow().get(node).cloned(),
-                (None, None) => None,
+/// Checks every outbound entry can become an upstream: TLS, an endpoint source, and a server
+/// name that is a valid `:authority`.
+fn targets(config: &Config) -> Result<Vec<Target>, StartError> {
+    config
+        .outbound
+        .iter()
+        .enumerate()
+        .map(|(index, entry)| {
+            let unsupported = |field: &str, message: String| StartError::Unsupported {
+                field: format!("outbound[{index}].{field}"),
+                message,
             };
-            sender.send_if_modified(|current| {
-                let changed = current.zone != zone;
-                current.zone = zone;
-                changed
-            });
-        }
-    });
-    (receiver, Some(zones))
+            if config.tls.is_none() {
+                return Err(StartError::Unsupported {
+                    field: "tls".to_string(),
+                    message: "outbound upstreams need TLS".to_string(),
+                });
+            }
+            if entry.endpoints.is_none() && entry.service.is_none() {
+                return Err(unsupported(
+                    "service",
+                    "expected `service` or `endpoints`, found neither".to_string(),
+                ));
+            }
+            let server_name = entry.server_name();
+            let authority = http::uri::Authority::try_from(server_name).map_err(|error| {
+                unsupported(
+                    "serverName",
+                    format!("{server_name:?} cannot be an HTTP authority: {error}"),
+                )
+            })?;
+            Ok(Target {
+                name: entry.upstream_name().into(),
+                server_name: server_name.into(),
+                authority,
+            })
+        })
+        .collect()
+}
+
+/// Where an upstream's endpoints come from: its static list, or its Service's pods.
+fn endpoint_source(
+    entry: &crate::config::OutboundConfig,
+    kube: Option<&kube::Client>,
+    zones: &NodeZones,
+) -> Option<endpoints::EndpointWatch> {
+    match (&entry.endpoints, &entry.service, kube) {
+        (Some(list), _, _) => Some(endpoints::static_endpoints(list)),
+        (None, Some(service), Some(client)) => Some(discovery::watch_service(
+            client.clone(),
+            ServiceRef::parse(service, &pod_namespace(client)),
+            zones.clone(),
+        )),
+        _ => None,
+    }
 }
 
 /// Our namespace: `POD_NAMESPACE` (downward API), else the kubeconfig's default.
@@ -285,45 +357,201 @@ fn pod_namespace(client: &kube::Client) -> String {
         .unwrap_or_else(|| client.default_namespace().to_string())
 }
 
-/// The tier order as its own watch, so rankings re-rank when live config changes it.
-fn tiers_of(policy: &PolicyWatch) -> tokio::sync::watch::Receiver<Vec<crate::config::Tier>> {
-    let mut updates = policy.clone();
-    let (sender, receiver) = tokio::sync::watch::channel(updates.borrow_and_update().tiers.clone());
-    tokio::spawn(async move {
-        while updates.changed().await.is_ok() {
-            let tiers = updates.borrow_and_update().tiers.clone();
-            sender.send_if_modified(|current| {
-                let changed = *current != tiers;
-                *current = tiers;
-                changed
-            });
-        }
-    });
-    receiver
+// ---- 3. spawn ---------------------------------------------------------------------------------
+
+/// Keeps our locality's zone in step with our node's zone label.
+struct ZoneFeed {
+    here: Locality,
+    zones: NodeZones,
+    locality: watch::Sender<Locality>,
 }
 
-fn zones_of(locality: &LocalityParts) -> discovery::NodeZones {
-    match &locality.1 {
-        Some(zones) => zones.clone(),
-        None => tokio::sync::watch::channel(Default::default()).1,
+/// Keeps the tier order, as its own watch, in step with the live policy, so rankings re-rank
+/// only when the tiers change rather than on every config change.
+struct TiersFeed {
+    policy: PolicyWatch,
+    tiers: watch::Sender<Vec<Tier>>,
+}
+
+fn spawn(config: &Config, options: &StartOptions, built: &Built, feeds: Feeds) -> Vec<Task> {
+    let mut tasks: Vec<Task> = Vec::new();
+    if let Some(feed) = feeds.zone {
+        tasks.push(("zone feed", tokio::spawn(follow_zone(feed))));
+    }
+    tasks.push(("tiers feed", tokio::spawn(follow_tiers(feeds.tiers))));
+
+    // These two spawn their own tasks, which therefore outlive shutdown (see config::live).
+    let applier = Applier::new(config.clone(), built.policy.clone());
+    if let Some(path) = &options.config_path {
+        crate::config::live::watch_file(path.clone(), applier.clone());
+    }
+    if let (Some(name), Some(client)) = (&options.configmap, &built.kube) {
+        crate::config::live::watch_configmap(
+            client.clone(),
+            pod_namespace(client),
+            name.clone(),
+            applier,
+        );
+    }
+    tasks
+}
+
+async fn follow_zone(mut feed: ZoneFeed) {
+    while feed.zones.changed().await.is_ok() {
+        let zone = zone_of(&feed.here, &feed.zones.borrow_and_update());
+        feed.locality.send_if_modified(|current| {
+            let changed = current.zone != zone;
+            current.zone = zone;
+            changed
+        });
+    }
+}
+
+/// Our zone: `ZONE` when set explicitly, else our node's zone label as the Node watch sees it.
+fn zone_of(here: &Locality, zones: &BTreeMap<String, String>) -> Option<String> {
+    match (&here.zone, &here.node_name) {
+        (Some(explicit), _) => Some(explicit.clone()),
+        (None, Some(node)) => zones.get(node).cloned(),
+        (None, None) => None,
+    }
+}
+
+async fn follow_tiers(mut feed: TiersFeed) {
+    while feed.policy.changed().await.is_ok() {
+        let tiers = feed.policy.borrow_and_update().tiers.clone();
+        feed.tiers.send_if_modified(|current| {
+            let changed = *current != tiers;
+            *current = tiers;
+            changed
+        });
+    }
+}
+
+// ---- 4. serve ---------------------------------------------------------------------------------
+
+fn serve(
+    sockets: Sockets,
+    built: Built,
+    mut background: Vec<Task>,
+    shutdown: watch::Sender<bool>,
+    stop: watch::Receiver<bool>,
+) -> Running {
+    let mut listeners: Vec<Task> = Vec::new();
+    for ((listener, upstream), address) in sockets
+        .outbound
+        .into_iter()
+        .zip(&built.upstreams)
+        .zip(&sockets.bound.outbound)
+    {
+        tracing::info!(upstream = %upstream.name, %address, "outbound listener serving");
+        let task = crate::outbound::serve(listener, upstream.clone(), stop.clone(), DRAIN);
+        listeners.push(("outbound listener", tokio::spawn(task)));
+    }
+    let inbound = sockets.inbound.map(|(endpoint, app)| {
+        tracing::info!(listen = ?sockets.bound.inbound, forward = %app.address(), "inbound QUIC listener serving");
+        let task = crate::inbound::serve(endpoint.clone(), Arc::new(app), stop.clone(), DRAIN);
+        listeners.push(("inbound listener", tokio::spawn(task)));
+        endpoint
+    });
+    let admin = Arc::new(AdminState {
+        started: Default::default(),
+        draining: Default::default(),
+        upstreams: built
+            .upstreams
+            .iter()
+            .map(|upstream| (upstream.name.clone(), upstream.ranking.clone()))
+            .collect(),
+    });
+    let task = crate::admin::serve(sockets.admin, admin.clone());
+    background.push(("admin listener", tokio::spawn(task)));
+    admin.started.store(true, Ordering::Release);
+    tracing::info!(admin = %sockets.bound.admin, "sidecar started");
+    Running {
+        bound: sockets.bound,
+        policy: built.policy,
+        shutdown,
+        admin,
+        pool: built.pool,
+        inbound,
+        listeners,
+        background,
     }
 }
 
 impl Running {
-    /// Stops taking new calls, lets open ones finish (bounded), then closes QUIC connections so
-    /// peers see a clean close rather than an idle timeout.
+    /// Stops taking new calls, lets open ones finish (bounded by [`DRAIN`]), closes QUIC
+    /// connections so peers see a clean close rather than an idle timeout, then stops every
+    /// other task.
     pub async fn shutdown(self) {
+        // From here on `/ready` answers 503, so Kubernetes stops sending new work our way.
         self.admin.draining.store(true, Ordering::Release);
         let _ = self.shutdown.send(true);
-        for task in self.outbound_tasks {
-            let _ = task.await;
+
+        // The listeners drain side by side, so the whole drain takes DRAIN, not DRAIN each.
+        let aborts: Vec<_> = self
+            .listeners
+            .iter()
+            .map(|(_, handle)| handle.abort_handle())
+            .collect();
+        let drained = futures::future::join_all(self.listeners.into_iter().map(join));
+        if tokio::time::timeout(DRAIN + DRAIN_MARGIN, drained)
+            .await
+            .is_err()
+        {
+            tracing::warn!(grace = ?DRAIN, "listeners still busy after the drain; stopping them");
+            aborts.iter().for_each(|abort| abort.abort());
         }
+
         if let Some(endpoint) = &self.inbound {
-            endpoint.close(quinn::VarInt::from_u32(0x100), b"shutdown");
-            let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+            endpoint.close(quinn::VarInt::from_u32(H3_NO_ERROR), b"shutdown");
+            let _ = tokio::time::timeout(CLOSE_WAIT, endpoint.wait_idle()).await;
         }
         if let Some(pool) = &self.pool {
             pool.close_all();
         }
+        for (_, handle) in &self.background {
+            handle.abort();
+        }
+        futures::future::join_all(self.background.into_iter().map(join)).await;
+    }
+}
+
+/// HTTP/3's "no error" code (RFC 9114): a deliberate, clean close.
+const H3_NO_ERROR: u32 = 0x100;
+
+/// Waits for a task to end, reporting a panic (an abort is how shutdown stops it, not news).
+async fn join((name, handle): Task) {
+    if let Err(error) = handle.await {
+        if error.is_panic() {
+            tracing::error!(task = name, %error, "task panicked");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn locality(node: Option<&str>, zone: Option<&str>) -> Locality {
+        Locality {
+            node_name: node.map(str::to_string),
+            host_ip: None,
+            zone: zone.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn zone_comes_from_our_node_unless_set_explicitly() {
+        let zones: BTreeMap<String, String> = [("node-a".to_string(), "z1".to_string())].into();
+        assert_eq!(
+            zone_of(&locality(Some("node-a"), None), &zones).as_deref(),
+            Some("z1")
+        );
+        assert_eq!(
+            zone_of(&locality(Some("node-a"), Some("z9")), &zones).as_deref(),
+            Some("z9")
+        );
+        assert_eq!(zone_of(&locality(Some("node-b"), None), &zones), None);
+        assert_eq!(zone_of(&locality(None, None), &zones), None);
     }
 }

@@ -109,7 +109,7 @@ pub async fn start(config: Config, options: StartOptions) -> Result<Running, Sta
     let sockets = bind(&config, tls.as_ref()).await?;
     let (built, feeds) = build(&config, &options, tls.as_ref()).await?;
     let (shutdown, stop) = watch::channel(false);
-    let background = spawn(&config, &options, &built, feeds);
+    let background = spawn(&config, &options, &built, feeds, &stop);
     Ok(serve(sockets, built, background, shutdown, stop))
 }
 
@@ -141,12 +141,11 @@ async fn bind(config: &Config, tls: Option<&TlsMaterial>) -> Result<Sockets, Sta
             })?;
             let mut server = quinn::ServerConfig::with_crypto(Arc::new(tls.quic_server_config()?));
             server.transport_config(quic::transport_config());
-            let endpoint = quic::endpoint(inbound.listen, Some(server)).map_err(|source| {
-                StartError::Transport {
+            let endpoint = quic::server_endpoint(inbound.listen, server, tls.private_key_der())
+                .map_err(|source| StartError::Transport {
                     field: "inbound.listen".to_string(),
                     source,
-                }
-            })?;
+                })?;
             Some((endpoint, app))
         }
         // Validation requires `tls` with `inbound`.
@@ -373,12 +372,27 @@ struct TiersFeed {
     tiers: watch::Sender<Vec<Tier>>,
 }
 
-fn spawn(config: &Config, options: &StartOptions, built: &Built, feeds: Feeds) -> Vec<Task> {
+fn spawn(
+    config: &Config,
+    options: &StartOptions,
+    built: &Built,
+    feeds: Feeds,
+    stop: &watch::Receiver<bool>,
+) -> Vec<Task> {
     let mut tasks: Vec<Task> = Vec::new();
     if let Some(feed) = feeds.zone {
         tasks.push(("zone feed", tokio::spawn(follow_zone(feed))));
     }
     tasks.push(("tiers feed", tokio::spawn(follow_tiers(feeds.tiers))));
+    if let Some(pool) = &built.pool {
+        let rankings = built
+            .upstreams
+            .iter()
+            .map(|upstream| upstream.ranking.clone())
+            .collect();
+        let task = quic::evict_departed(pool.clone(), rankings, stop.clone());
+        tasks.push(("pool eviction", tokio::spawn(task)));
+    }
 
     // These two spawn their own tasks, which therefore outlive shutdown (see config::live).
     let applier = Applier::new(config.clone(), built.policy.clone());

@@ -86,6 +86,10 @@ pub struct Metrics {
     pub ejected_endpoints: Family<UpstreamLabels, Gauge>,
     pub quic_connections_opened: Family<DirectionLabels, Counter>,
     pub quic_connections_lost: Family<DirectionLabels, Counter>,
+    /// Outbound connections a restarted peer reset (stateless reset).
+    pub quic_connections_reset: Counter,
+    /// Outbound connections declared dead: calls waited and the peer stayed silent.
+    pub quic_dead_connections: Counter,
     pub call_duration: HistogramFamily<UpstreamLabels>,
     pub attempt_duration: HistogramFamily<TierLabels>,
     pub inbound_calls: Family<StatusLabels, Counter>,
@@ -148,6 +152,18 @@ impl Metrics {
             "quic_connections_opened",
             "QUIC connections established",
             quic_connections_opened.clone(),
+        );
+        let quic_connections_reset = Counter::default();
+        registry.register(
+            "quic_connections_reset",
+            "Outbound QUIC connections a restarted peer sidecar reset (stateless reset)",
+            quic_connections_reset.clone(),
+        );
+        let quic_dead_connections = Counter::default();
+        registry.register(
+            "quic_dead_connections",
+            "Outbound QUIC connections declared dead: calls waited and nothing arrived from the peer",
+            quic_dead_connections.clone(),
         );
         let quic_connections_lost = Family::default();
         registry.register(
@@ -213,6 +229,8 @@ impl Metrics {
             ejected_endpoints,
             quic_connections_opened,
             quic_connections_lost,
+            quic_connections_reset,
+            quic_dead_connections,
             call_duration,
             attempt_duration,
             inbound_calls,

@@ -46,6 +46,9 @@ pub struct AttemptTarget<'a> {
     pub headers_by: Option<Instant>,
     /// True when `headers_by` is the per-attempt limit rather than the call's deadline.
     pub per_attempt: bool,
+    /// How long to wait for a connect in progress: `Some` when the call has other endpoints to
+    /// go to, `None` when this is its only one.
+    pub connect_patience: Option<std::time::Duration>,
 }
 
 /// How an attempt ended, as far as retrying is concerned.
@@ -60,7 +63,10 @@ pub enum AttemptOutcome {
         pushback: Pushback,
     },
     /// The request never left this sidecar: connect failure or the stream could not be opened.
-    NotSent(String),
+    /// `fresh` is false when another call already reported this failure.
+    NotSent { reason: String, fresh: bool },
+    /// The connection was lost before response headers (dead, reset, closed).
+    LinkLost { reason: String, fresh: bool },
     /// The peer sidecar took the request but its app never saw it (H3_REQUEST_REJECTED).
     RefusedByPeer(String),
     /// Failed after the request may have reached the app, before any response headers.
@@ -79,7 +85,8 @@ impl AttemptOutcome {
             AttemptOutcome::Status { code, .. } | AttemptOutcome::Failed { code, .. } => {
                 code.name()
             }
-            AttemptOutcome::NotSent(_) | AttemptOutcome::RefusedByPeer(_) => "NOT_SENT",
+            AttemptOutcome::NotSent { .. } | AttemptOutcome::RefusedByPeer(_) => "NOT_SENT",
+            AttemptOutcome::LinkLost { .. } => "LINK_LOST",
             AttemptOutcome::AttemptTimedOut(_) => "ATTEMPT_TIMEOUT",
             AttemptOutcome::DeadlineExceeded(_) => "DEADLINE_EXCEEDED",
         }
@@ -152,18 +159,30 @@ pub async fn attempt(
             AttemptOutcome::DeadlineExceeded(label(&"deadline exceeded in the sidecar"))
         }
     };
-    let mut sender = match within(
+    let pooled = match within(
         target.headers_by,
-        upstream
-            .pool
-            .sender(endpoint.endpoint.address, &upstream.server_name),
+        upstream.pool.sender(
+            endpoint.endpoint.address,
+            &upstream.server_name,
+            target.connect_patience,
+        ),
     )
     .await
     {
         None => return timed_out(),
-        Some(Err(error)) => return AttemptOutcome::NotSent(label(&error)),
-        Some(Ok(sender)) => sender,
+        Some(Err(error)) => {
+            return AttemptOutcome::NotSent {
+                reason: label(&error),
+                fresh: error.fresh,
+            }
+        }
+        Some(Ok(pooled)) => pooled,
     };
+    let link = pooled.link;
+    let mut sender = pooled.sender;
+    // Counted as waiting on the connection until response headers arrive: the connection's
+    // watchdog judges the peer's silence only while someone waits.
+    let waiting = link.waiting();
     let request = match upstream_request(call, &upstream.authority, previous_attempts) {
         Ok(request) => request,
         Err(reason) => {
@@ -178,7 +197,10 @@ pub async fn attempt(
         // The stream could not be opened: the connection closed or refused it, so the
         // request went nowhere.
         Some(Err(error)) => {
-            return AttemptOutcome::NotSent(label(&format!("stream refused: {error}")))
+            return AttemptOutcome::NotSent {
+                reason: label(&format!("stream refused: {error}")),
+                fresh: link.first_to_report_loss(),
+            }
         }
         Some(Ok(stream)) => stream,
     };
@@ -221,6 +243,13 @@ pub async fn attempt(
                     &"the peer sidecar rejected the request before its app saw it",
                 ));
             }
+            if failure.peer_reset.is_none() {
+                // Not the peer's answer but the connection's end: a transport loss.
+                return AttemptOutcome::LinkLost {
+                    reason: label(&failure),
+                    fresh: link.first_to_report_loss(),
+                };
+            }
             return AttemptOutcome::Failed {
                 code: failure.grpc_code(),
                 message: label(&failure),
@@ -228,6 +257,7 @@ pub async fn attempt(
         }
         Some(Ok(head)) => head,
     };
+    drop(waiting);
     let (mut parts, ()) = head.into_parts();
     crate::wire::grpc::strip_hop_by_hop(&mut parts.headers);
     parts.version = http::Version::HTTP_2;

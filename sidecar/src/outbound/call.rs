@@ -103,12 +103,16 @@ pub async fn handle_call(
                 }
                 let started = Instant::now();
                 let (headers_by, per_attempt) = policy.attempt_deadline(started);
+                let may_move_on = ranking
+                    .endpoints()
+                    .any(|e| !tried.contains(&e.endpoint.address));
                 let target = AttemptTarget {
                     upstream: &upstream,
                     endpoint: endpoint.clone(),
                     throttling: policy.throttling.clone(),
                     headers_by,
                     per_attempt,
+                    connect_patience: may_move_on.then_some(crate::wire::quic::CONNECT_PATIENCE),
                 };
                 let result = attempt(
                     target,
@@ -207,8 +211,12 @@ fn classify(result: AttemptOutcome) -> (Outcome, Option<Response<ResponseBody>>)
             response,
             pushback,
         } => (Outcome::Status { code, pushback }, Some(response)),
-        AttemptOutcome::NotSent(reason) => (
-            Outcome::NotSent,
+        AttemptOutcome::NotSent { reason, fresh } => (
+            Outcome::NotSent { fresh },
+            Some(failure_response(Code::Unavailable, &reason)),
+        ),
+        AttemptOutcome::LinkLost { reason, fresh } => (
+            Outcome::LinkLost { fresh },
             Some(failure_response(Code::Unavailable, &reason)),
         ),
         AttemptOutcome::RefusedByPeer(reason) => (

@@ -47,7 +47,12 @@ pub enum Outcome {
     /// No endpoint could be picked: the upstream has none ready.
     NoEndpoint,
     /// The request never left this sidecar: the connection or the stream could not be opened.
-    NotSent,
+    /// `fresh` is false when another call already reported the same failure (a remembered
+    /// failed connect): the endpoint is charged once per failure, not once per call.
+    NotSent { fresh: bool },
+    /// The connection carrying the attempt was lost before response headers (declared dead,
+    /// reset by a restarted peer, closed): a transport loss, UNAVAILABLE. `fresh` as above.
+    LinkLost { fresh: bool },
     /// The peer sidecar took the request but its app never saw it (refused stream, app
     /// unreachable, app going away). A6 allows one transparent retry of such a request.
     RefusedByPeer,
@@ -177,7 +182,12 @@ pub fn decide(
             }
         }
         Outcome::NoEndpoint => (Code::Unavailable, Pushback::None, Health::Unknown, false),
-        Outcome::NotSent => {
+        Outcome::NotSent { fresh } => {
+            let health = if fresh {
+                Health::Failed
+            } else {
+                Health::Unknown
+            };
             if facts.untried_remains
                 && facts.replayable
                 && state.transparent_retries < MAX_TRANSPARENT_RETRIES
@@ -185,11 +195,19 @@ pub fn decide(
                 state.transparent_retries += 1;
                 return Decision {
                     next: Next::RetryNow,
-                    health: Health::Failed,
+                    health,
                     throttled: false,
                 };
             }
-            (Code::Unavailable, Pushback::None, Health::Failed, false)
+            (Code::Unavailable, Pushback::None, health, false)
+        }
+        Outcome::LinkLost { fresh } => {
+            let health = if fresh {
+                Health::Failed
+            } else {
+                Health::Unknown
+            };
+            (Code::Unavailable, Pushback::None, health, false)
         }
         Outcome::RefusedByPeer => {
             if !state.refused_retry_used && facts.replayable {
@@ -393,7 +411,10 @@ mod tests {
     #[test]
     fn without_a_retry_policy_nothing_is_retried_but_never_sent_requests_are() {
         let mut run = Run::new(CallPolicy::default());
-        assert_eq!(run.after(Outcome::NotSent).next, Next::RetryNow);
+        assert_eq!(
+            run.after(Outcome::NotSent { fresh: true }).next,
+            Next::RetryNow
+        );
         assert_eq!(run.after(status(Code::Unavailable)).next, Next::Respond);
         let mut run = Run::new(CallPolicy::default());
         assert_eq!(run.after(Outcome::NoEndpoint).next, Next::Respond);
@@ -530,7 +551,10 @@ mod tests {
         let mut run = Run::new(policy());
         run.replayable = false;
         assert_eq!(run.after(status(Code::Unavailable)).next, Next::Respond);
-        assert_eq!(run.after(Outcome::NotSent).next, Next::Respond);
+        assert_eq!(
+            run.after(Outcome::NotSent { fresh: true }).next,
+            Next::Respond
+        );
         assert_eq!(run.after(Outcome::RefusedByPeer).next, Next::Respond);
     }
 
@@ -538,14 +562,20 @@ mod tests {
     fn never_sent_requests_retry_transparently_while_untried_endpoints_remain() {
         let mut run = Run::new(policy());
         for _ in 0..MAX_TRANSPARENT_RETRIES {
-            assert_eq!(run.after(Outcome::NotSent).next, Next::RetryNow);
+            assert_eq!(
+                run.after(Outcome::NotSent { fresh: true }).next,
+                Next::RetryNow
+            );
         }
         assert_eq!(
             run.state.counted_attempts, 0,
             "transparent retries are free"
         );
         // The budget is spent: the call goes on under the retry policy, with backoff.
-        assert_eq!(run.after(Outcome::NotSent).next, millis(100));
+        assert_eq!(
+            run.after(Outcome::NotSent { fresh: true }).next,
+            millis(100)
+        );
         assert_eq!(run.state.counted_attempts, 1);
     }
 
@@ -553,8 +583,14 @@ mod tests {
     fn with_no_untried_endpoint_a_never_sent_request_falls_to_the_policy() {
         let mut run = Run::new(policy());
         run.untried_remains = false;
-        assert_eq!(run.after(Outcome::NotSent).next, millis(100));
-        assert_eq!(run.after(Outcome::NotSent).next, millis(200));
+        assert_eq!(
+            run.after(Outcome::NotSent { fresh: true }).next,
+            millis(100)
+        );
+        assert_eq!(
+            run.after(Outcome::NotSent { fresh: true }).next,
+            millis(200)
+        );
     }
 
     #[test]
@@ -597,6 +633,40 @@ mod tests {
         });
         assert_eq!(run.after(Outcome::AttemptTimedOut).next, millis(100));
         assert_eq!(run.after(Outcome::AttemptTimedOut).next, Next::Respond);
+    }
+
+    #[test]
+    fn a_failure_another_call_already_reported_is_not_charged_again() {
+        let mut run = Run::new(policy());
+        let first = run.after(Outcome::NotSent { fresh: true });
+        let again = run.after(Outcome::NotSent { fresh: false });
+        assert_eq!((first.next, again.next), (Next::RetryNow, Next::RetryNow));
+        assert_eq!(
+            (first.health, again.health),
+            (Health::Failed, Health::Unknown)
+        );
+        let lost = run.after(Outcome::LinkLost { fresh: true });
+        let lost_again = run.after(Outcome::LinkLost { fresh: false });
+        assert_eq!(
+            (lost.health, lost_again.health),
+            (Health::Failed, Health::Unknown)
+        );
+    }
+
+    #[test]
+    fn a_lost_link_is_retried_under_the_policy_as_unavailable() {
+        let mut run = Run::new(policy());
+        assert_eq!(
+            run.after(Outcome::LinkLost { fresh: true }).next,
+            millis(100)
+        );
+        assert_eq!(run.state.counted_attempts, 1);
+        let mut run = Run::new(CallPolicy::default());
+        assert_eq!(
+            run.after(Outcome::LinkLost { fresh: true }).next,
+            Next::Respond,
+            "without a policy the app hears UNAVAILABLE"
+        );
     }
 
     #[test]

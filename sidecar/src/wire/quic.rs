@@ -1,11 +1,22 @@
 //! QUIC between sidecars: socket and transport settings sized for a pod network, and the
 //! outbound connection pool (one multiplexed HTTP/3 connection per upstream endpoint,
 //! re-established when lost, closed once its endpoint has left discovery and its calls are done).
+//!
+//! Gray failures are found here, fast: a restarted peer resets old connections at once (the
+//! stateless-reset key is derived from the pod's own key, so the new process can prove it), a
+//! frozen peer is declared dead when calls wait on it and nothing has arrived from it for
+//! [`DEAD_AFTER`], one connect per endpoint is shared by every call that needs it, and a failed
+//! connect is remembered for a moment so calls move to another endpoint at once instead of
+//! queuing behind it.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::time::Instant;
 
 use bytes::Bytes;
 use quinn::crypto::rustls::QuicClientConfig;
@@ -31,10 +42,33 @@ const SEND_WINDOW: u64 = 64 * 1024 * 1024;
 /// 1450, minus IPv6 and UDP headers 1402. quinn probes upward from here (to 1452) on its own;
 /// starting at quinn's internet-safe 1200 would cost ~15% more packets until discovery finishes.
 const INITIAL_MTU: u16 = 1400;
-/// Keep-alives make a dead peer (node gone, pod killed without a close) visible within the idle
-/// timeout instead of at the next call, and keep conntrack entries of NATed pod networks alive.
+/// Keep-alives keep conntrack entries of NATed pod networks alive and let the inbound side notice
+/// a caller that vanished.
 const KEEP_ALIVE: Duration = Duration::from_secs(5);
-const IDLE_TIMEOUT: Duration = Duration::from_secs(20);
+/// The calling side pings an otherwise quiet connection this often, so a live peer always has
+/// something to acknowledge: its silence then means it is gone or frozen (see [`DEAD_AFTER`]).
+/// A PING and its ACK are ~50 bytes each; a few per second per upstream endpoint is nothing.
+const CLIENT_KEEP_ALIVE: Duration = Duration::from_millis(150);
+/// A connection nothing arrives on for this long closes by itself, calls waiting or not.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Calls are waiting on a connection and nothing at all has arrived from the peer for this long:
+/// it is frozen, partitioned or gone. A live peer acknowledges a request or a PING within its
+/// ACK delay (25 ms) plus the round trip; half a second leaves room for a busy node's scheduler
+/// while moving the calls well inside a typical 1 s deadline.
+pub const DEAD_AFTER: Duration = Duration::from_millis(500);
+/// How often a connection's watchdog looks at what has arrived.
+const WATCHDOG_TICK: Duration = Duration::from_millis(50);
+/// How long a failed connect (or a connection declared dead) is remembered: calls that pick the
+/// endpoint meanwhile are told at once, and go elsewhere, instead of each waiting out a connect.
+const FAILURE_MEMORY: Duration = Duration::from_secs(1);
+/// How long a call that has other endpoints to go to waits for a connect in progress before it
+/// moves on (the connect goes on for the calls after it). A handshake in a cluster takes a few
+/// milliseconds; 200 ms allows for a busy node without letting a dead one hold calls up.
+pub const CONNECT_PATIENCE: Duration = Duration::from_millis(200);
+/// The round-trip time assumed before the first measurement. quinn's default (333 ms, for the
+/// internet) makes the first retransmission of a lost handshake packet wait about a second,
+/// as long as the whole connect timeout; pod networks answer in well under a millisecond.
+const INITIAL_RTT: Duration = Duration::from_millis(50);
 /// The kernel's default UDP buffers (~200 KiB) drop packets when a burst of streams lands at
 /// once; drops turn into retransmits and latency spikes. The kernel caps this at net.core.rmem_max.
 const UDP_BUFFER_BYTES: usize = 8 * 1024 * 1024;
@@ -74,6 +108,10 @@ pub enum TransportError {
 
 /// Transport settings shared by both directions.
 pub fn transport_config() -> Arc<TransportConfig> {
+    Arc::new(settings(KEEP_ALIVE))
+}
+
+fn settings(keep_alive: Duration) -> TransportConfig {
     let mut config = TransportConfig::default();
     config
         .max_concurrent_bidi_streams(VarInt::from_u32(MAX_CONCURRENT_CALLS))
@@ -81,13 +119,14 @@ pub fn transport_config() -> Arc<TransportConfig> {
         .receive_window(VarInt::from_u32(CONNECTION_RECEIVE_WINDOW))
         .send_window(SEND_WINDOW)
         .initial_mtu(INITIAL_MTU)
-        .keep_alive_interval(Some(KEEP_ALIVE))
-        // 20 s always fits a VarInt of milliseconds; the fallback is never taken.
+        .keep_alive_interval(Some(keep_alive))
+        .initial_rtt(INITIAL_RTT)
+        // 10 s always fits a VarInt of milliseconds; the fallback is never taken.
         .max_idle_timeout(IdleTimeout::try_from(IDLE_TIMEOUT).ok());
     let mut ack_frequency = AckFrequencyConfig::default();
     ack_frequency.ack_eliciting_threshold(VarInt::from_u32(ACK_ELICITING_THRESHOLD));
     config.ack_frequency_config(Some(ack_frequency));
-    Arc::new(config)
+    config
 }
 
 /// Binds a UDP socket with large kernel buffers for a quinn endpoint.
@@ -107,55 +146,194 @@ pub fn bind_udp(address: SocketAddr) -> Result<std::net::UdpSocket, TransportErr
     Ok(socket.into())
 }
 
+/// The transport settings of the calling side: [`transport_config`] with the short keep-alive
+/// that makes a frozen peer's silence visible.
+fn client_transport_config() -> Arc<TransportConfig> {
+    Arc::new(settings(CLIENT_KEEP_ALIVE))
+}
+
+/// The stateless-reset key of a serving endpoint, derived from `secret` (the pod's private key):
+/// a peer sidecar restarted on the same address computes the same key, so its resets of
+/// connections it no longer knows are accepted by their callers at once. With quinn's default
+/// random key they are ignored and the callers wait for an idle timeout.
+pub fn reset_key(secret: &[u8]) -> Arc<dyn quinn::crypto::HmacKey> {
+    let derived = ring::digest::digest(
+        &ring::digest::SHA256,
+        &[
+            b"locality-sidecar QUIC stateless reset v1\0".as_slice(),
+            secret,
+        ]
+        .concat(),
+    );
+    Arc::new(ring::hmac::Key::new(
+        ring::hmac::HMAC_SHA256,
+        derived.as_ref(),
+    ))
+}
+
 /// A quinn endpoint on `address`, serving when `server` is given.
 pub fn endpoint(
     address: SocketAddr,
     server: Option<quinn::ServerConfig>,
 ) -> Result<quinn::Endpoint, TransportError> {
-    let socket = bind_udp(address)?;
-    quinn::Endpoint::new(
-        EndpointConfig::default(),
-        server,
-        socket,
-        Arc::new(quinn::TokioRuntime),
+    endpoint_with(address, server, EndpointConfig::default())
+}
+
+/// A serving endpoint whose stateless resets a restarted process can repeat (see [`reset_key`]).
+pub fn server_endpoint(
+    address: SocketAddr,
+    server: quinn::ServerConfig,
+    secret: &[u8],
+) -> Result<quinn::Endpoint, TransportError> {
+    endpoint_with(
+        address,
+        Some(server),
+        EndpointConfig::new(reset_key(secret)),
     )
-    .map_err(|source| TransportError::Bind { address, source })
+}
+
+fn endpoint_with(
+    address: SocketAddr,
+    server: Option<quinn::ServerConfig>,
+    config: EndpointConfig,
+) -> Result<quinn::Endpoint, TransportError> {
+    let socket = bind_udp(address)?;
+    quinn::Endpoint::new(config, server, socket, Arc::new(quinn::TokioRuntime))
+        .map_err(|source| TransportError::Bind { address, source })
+}
+
+/// A connection's liveness as the calls on it see it: how many wait for response headers (the
+/// watchdog only judges silence while someone waits), and whether its loss was already counted
+/// against the endpoint, so one dead connection is one failure, not one per call it carried.
+#[derive(Debug, Default)]
+pub struct Link {
+    waiting: AtomicUsize,
+    loss_reported: AtomicBool,
+}
+
+impl Link {
+    /// Marks one call as waiting for response headers until the guard is dropped.
+    pub fn waiting(self: &Arc<Self>) -> Waiting {
+        self.waiting.fetch_add(1, Ordering::AcqRel);
+        Waiting(self.clone())
+    }
+
+    /// True for the first call to report this connection lost.
+    pub fn first_to_report_loss(&self) -> bool {
+        !self.loss_reported.swap(true, Ordering::AcqRel)
+    }
+}
+
+/// One call waiting on a connection (see [`Link::waiting`]).
+#[derive(Debug)]
+pub struct Waiting(Arc<Link>);
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A request handle on a pooled connection, with that connection's liveness.
+#[derive(Clone)]
+pub struct PooledSender {
+    pub sender: H3Sender,
+    pub link: Arc<Link>,
+}
+
+/// Why the pool has no connection for a call.
+#[derive(Debug, thiserror::Error)]
+#[error("{error}")]
+pub struct PoolError {
+    pub error: TransportError,
+    /// False when the call learnt of a failure another call already saw (a remembered failed
+    /// connect, or a connect still in progress): the endpoint is charged once per failure.
+    pub fresh: bool,
 }
 
 struct LiveConnection {
-    sender: H3Sender,
+    pooled: PooledSender,
     connection: quinn::Connection,
 }
 
-/// One upstream endpoint's connection, and a lock so concurrent calls share one handshake.
-#[derive(Default)]
+type ConnectResult = Result<PooledSender, String>;
+
+enum SlotState {
+    Empty,
+    Live(LiveConnection),
+    /// A connect in progress; its result is published to every call waiting for it.
+    Connecting(watch::Receiver<Option<ConnectResult>>),
+    /// The last connect failed, or the connection was declared dead, at `since`.
+    Failed {
+        since: Instant,
+        reason: String,
+    },
+}
+
+/// One upstream endpoint's connection and how it is doing.
 struct Slot {
-    live: Mutex<Option<LiveConnection>>,
-    connecting: tokio::sync::Mutex<()>,
+    state: Mutex<SlotState>,
+    /// Set when the slot is dropped from the pool, so a connect finishing late closes its
+    /// connection instead of leaving it open and unreachable.
+    evicted: AtomicBool,
+    /// A failed connect's waiters: only the first is charged (see [`PoolError::fresh`]).
+    failure_reported: AtomicBool,
+}
+
+impl Default for Slot {
+    fn default() -> Self {
+        Slot {
+            state: Mutex::new(SlotState::Empty),
+            evicted: AtomicBool::new(false),
+            failure_reported: AtomicBool::new(false),
+        }
+    }
 }
 
 impl Slot {
-    /// Closes the connection, if any, with a clean application close; the slot is left empty.
-    fn close(&self, reason: &'static [u8]) {
-        let live = self
-            .live
+    fn state(&self) -> std::sync::MutexGuard<'_, SlotState> {
+        self.state
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .take();
-        if let Some(live) = live {
+    }
+
+    /// Closes the connection, if any, with a clean application close; the slot is left empty.
+    fn close(&self, reason: &'static [u8]) {
+        self.evicted.store(true, Ordering::Release);
+        let previous = std::mem::replace(&mut *self.state(), SlotState::Empty);
+        if let SlotState::Live(live) = previous {
             live.connection.close(VarInt::from_u32(H3_NO_ERROR), reason);
         }
     }
 
-    fn current(&self) -> Option<H3Sender> {
-        let live = self
-            .live
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        match &*live {
-            Some(conn) if conn.connection.close_reason().is_none() => Some(conn.sender.clone()),
-            _ => None,
+    /// Remembers that the endpoint cannot be reached right now.
+    fn remember_failure(&self, reason: String) {
+        *self.state() = SlotState::Failed {
+            since: Instant::now(),
+            reason,
+        };
+    }
+}
+
+/// What a call finds in a slot.
+enum Found {
+    Ready(PooledSender),
+    Remembered(String),
+    Wait(watch::Receiver<Option<ConnectResult>>),
+}
+
+/// What a slot offers a call arriving `now` (a pure function of the slot's state); `None` means
+/// nothing usable: the call starts a connect.
+fn inspect(state: &SlotState, now: Instant) -> Option<Found> {
+    match state {
+        SlotState::Live(live) if live.connection.close_reason().is_none() => {
+            Some(Found::Ready(live.pooled.clone()))
         }
+        SlotState::Failed { since, reason } if now.duration_since(*since) < FAILURE_MEMORY => {
+            Some(Found::Remembered(reason.clone()))
+        }
+        SlotState::Connecting(receiver) => Some(Found::Wait(receiver.clone())),
+        _ => None,
     }
 }
 
@@ -174,7 +352,7 @@ pub struct ConnectionPool {
 impl ConnectionPool {
     pub fn new(crypto: QuicClientConfig) -> ConnectionPool {
         let mut client_config = quinn::ClientConfig::new(Arc::new(crypto));
-        client_config.transport_config(transport_config());
+        client_config.transport_config(client_transport_config());
         ConnectionPool {
             client_config,
             v4: OnceLock::new(),
@@ -197,13 +375,19 @@ impl ConnectionPool {
         Ok(cell.get_or_init(|| created))
     }
 
-    /// A request handle for `address`, connecting (once, shared by concurrent callers) when
-    /// there is no live connection.
+    /// A request handle for `address`, connecting (once, shared by every call that needs it)
+    /// when there is no live connection. With `patience`, a call that finds a connect in
+    /// progress waits at most that long before it gives up (to move to another endpoint).
     pub async fn sender(
         &self,
         address: SocketAddr,
         server_name: &Arc<str>,
-    ) -> Result<H3Sender, TransportError> {
+        patience: Option<Duration>,
+    ) -> Result<PooledSender, PoolError> {
+        let failed = |reason: String, fresh: bool| PoolError {
+            error: TransportError::Connect { address, reason },
+            fresh,
+        };
         let slot = {
             let mut slots = self
                 .slots
@@ -214,69 +398,68 @@ impl ConnectionPool {
                 .or_default()
                 .clone()
         };
-        if let Some(sender) = slot.current() {
-            return Ok(sender);
-        }
-        let _connecting = slot.connecting.lock().await;
-        if let Some(sender) = slot.current() {
-            return Ok(sender);
-        }
-        let (sender, connection) =
-            tokio::time::timeout(CONNECT_TIMEOUT, self.connect(address, server_name))
-                .await
-                .map_err(|_| TransportError::ConnectTimeout {
-                    address,
-                    timeout: CONNECT_TIMEOUT,
-                })??;
-        *slot
-            .live
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(LiveConnection {
-            sender: sender.clone(),
-            connection,
-        });
-        Ok(sender)
-    }
-
-    async fn connect(
-        &self,
-        address: SocketAddr,
-        server_name: &str,
-    ) -> Result<(H3Sender, quinn::Connection), TransportError> {
-        let failed = |reason: String| TransportError::Connect { address, reason };
-        let connecting = self
-            .client_endpoint(address)?
-            .connect_with(self.client_config.clone(), address, server_name)
-            .map_err(|e| failed(e.to_string()))?;
-        let connection = connecting
-            .await
-            .map_err(|e| failed(describe_connection_error(&e)))?;
-        let (mut driver, sender) = h3::client::builder()
-            .send_grease(false)
-            .build::<_, _, Bytes>(h3_quinn::Connection::new(connection.clone()))
-            .await
-            .map_err(|e| failed(format!("HTTP/3 setup: {e}")))?;
-        tracing::debug!(%address, server_name, "QUIC connection established");
-        let direction = DirectionLabels {
-            direction: "outbound",
-        };
-        metrics()
-            .quic_connections_opened
-            .get_or_create(&direction)
-            .inc();
-        tokio::spawn(async move {
-            let closed = futures::future::poll_fn(|cx| driver.poll_close(cx)).await;
-            if closed.is_h3_no_error() {
-                tracing::debug!(%address, "QUIC connection closed");
-            } else {
-                metrics()
-                    .quic_connections_lost
-                    .get_or_create(&direction)
-                    .inc();
-                tracing::info!(%address, error = %closed, "QUIC connection lost");
+        let (found, publish) = {
+            let mut state = slot.state();
+            match inspect(&state, Instant::now()) {
+                Some(found) => (found, None),
+                None => {
+                    let (publish, receiver) = watch::channel(None);
+                    *state = SlotState::Connecting(receiver.clone());
+                    slot.failure_reported.store(false, Ordering::Release);
+                    (Found::Wait(receiver), Some(publish))
+                }
             }
-        });
-        Ok((sender, connection))
+        };
+        let mut receiver = match found {
+            Found::Ready(pooled) => return Ok(pooled),
+            Found::Remembered(reason) => {
+                return Err(failed(format!("{reason} (a moment ago)"), false))
+            }
+            Found::Wait(receiver) => receiver,
+        };
+        if let Some(publish) = publish {
+            let endpoint = match self.client_endpoint(address) {
+                Ok(endpoint) => endpoint.clone(),
+                Err(error) => {
+                    slot.remember_failure(error.to_string());
+                    return Err(PoolError { error, fresh: true });
+                }
+            };
+            tokio::spawn(connect_into(
+                slot.clone(),
+                endpoint,
+                self.client_config.clone(),
+                address,
+                server_name.clone(),
+                publish,
+            ));
+        }
+        let outcome = async {
+            loop {
+                if let Some(result) = receiver.borrow_and_update().clone() {
+                    return result;
+                }
+                if receiver.changed().await.is_err() {
+                    return Err("the connect was abandoned".to_string());
+                }
+            }
+        };
+        let result = match patience {
+            None => outcome.await,
+            Some(patience) => match tokio::time::timeout(patience, outcome).await {
+                Ok(result) => result,
+                Err(_) => {
+                    return Err(failed(
+                        format!("still connecting after {} ms", patience.as_millis()),
+                        false,
+                    ))
+                }
+            },
+        };
+        result.map_err(|reason| {
+            let fresh = !slot.failure_reported.swap(true, Ordering::AcqRel);
+            failed(reason, fresh)
+        })
     }
 
     /// Closes every connection (shutdown): peers see a clean close instead of an idle timeout.
@@ -307,6 +490,175 @@ impl ConnectionPool {
             tracing::debug!(%address, %server_name, "closed the connection to an endpoint that left discovery");
         }
         evicted.len()
+    }
+}
+
+/// Connects `slot` to its endpoint and publishes the result to the calls waiting for it.
+async fn connect_into(
+    slot: Arc<Slot>,
+    endpoint: quinn::Endpoint,
+    config: quinn::ClientConfig,
+    address: SocketAddr,
+    server_name: Arc<str>,
+    publish: watch::Sender<Option<ConnectResult>>,
+) {
+    let connected = match tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        connect(&endpoint, config, address, &server_name),
+    )
+    .await
+    {
+        Ok(result) => result,
+        Err(_) => Err(format!(
+            "connect timed out after {} ms",
+            CONNECT_TIMEOUT.as_millis()
+        )),
+    };
+    let result = match connected {
+        Ok((sender, connection)) => {
+            let pooled = PooledSender {
+                sender,
+                link: Arc::new(Link::default()),
+            };
+            if slot.evicted.load(Ordering::Acquire) {
+                connection.close(VarInt::from_u32(H3_NO_ERROR), b"endpoint left discovery");
+                Err("the endpoint left discovery".to_string())
+            } else {
+                tokio::spawn(watch_link(
+                    connection.clone(),
+                    pooled.link.clone(),
+                    Arc::downgrade(&slot),
+                    address,
+                ));
+                *slot.state() = SlotState::Live(LiveConnection {
+                    pooled: pooled.clone(),
+                    connection,
+                });
+                Ok(pooled)
+            }
+        }
+        Err(reason) => {
+            tracing::debug!(%address, %reason, "connect failed");
+            slot.remember_failure(reason.clone());
+            Err(reason)
+        }
+    };
+    // No receiver left is fine: every waiting call gave up, and the slot holds the result.
+    let _ = publish.send(Some(result));
+}
+
+/// One QUIC handshake and HTTP/3 set-up; spawns the task that drives the connection.
+async fn connect(
+    endpoint: &quinn::Endpoint,
+    config: quinn::ClientConfig,
+    address: SocketAddr,
+    server_name: &str,
+) -> Result<(H3Sender, quinn::Connection), String> {
+    let connecting = endpoint
+        .connect_with(config, address, server_name)
+        .map_err(|e| e.to_string())?;
+    let connection = connecting
+        .await
+        .map_err(|e| describe_connection_error(&e))?;
+    let (mut driver, sender) = h3::client::builder()
+        .send_grease(false)
+        .build::<_, _, Bytes>(h3_quinn::Connection::new(connection.clone()))
+        .await
+        .map_err(|e| format!("HTTP/3 setup: {e}"))?;
+    tracing::debug!(%address, server_name, "QUIC connection established");
+    let direction = DirectionLabels {
+        direction: "outbound",
+    };
+    metrics()
+        .quic_connections_opened
+        .get_or_create(&direction)
+        .inc();
+    tokio::spawn(async move {
+        let closed = futures::future::poll_fn(|cx| driver.poll_close(cx)).await;
+        if closed.is_h3_no_error() {
+            tracing::debug!(%address, "QUIC connection closed");
+        } else {
+            metrics()
+                .quic_connections_lost
+                .get_or_create(&direction)
+                .inc();
+            tracing::info!(%address, error = %closed, "QUIC connection lost");
+        }
+    });
+    Ok((sender, connection))
+}
+
+/// What a connection's watchdog concludes from one look.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    Alive,
+    Dead,
+}
+
+/// The watchdog's memory between looks: the datagrams received so far, and when that count
+/// last moved (or nobody was waiting, which restarts the clock).
+#[derive(Debug, Clone, Copy)]
+struct Silence {
+    datagrams: u64,
+    heard: Instant,
+}
+
+impl Silence {
+    /// One look at `now`: `datagrams` received in all, `waiting` calls waiting for headers.
+    fn look(&mut self, datagrams: u64, waiting: usize, now: Instant) -> Verdict {
+        if datagrams != self.datagrams || waiting == 0 {
+            self.datagrams = datagrams;
+            self.heard = now;
+            return Verdict::Alive;
+        }
+        if now.duration_since(self.heard) >= DEAD_AFTER {
+            Verdict::Dead
+        } else {
+            Verdict::Alive
+        }
+    }
+}
+
+/// Watches one outbound connection until it closes: declares it dead when calls wait on it and
+/// the peer has been silent for [`DEAD_AFTER`] (closing it fails those calls at once, so they
+/// retry elsewhere, and the slot remembers the failure), and counts resets by a restarted peer.
+async fn watch_link(
+    connection: quinn::Connection,
+    link: Arc<Link>,
+    slot: Weak<Slot>,
+    address: SocketAddr,
+) {
+    let mut silence = Silence {
+        datagrams: connection.stats().udp_rx.datagrams,
+        heard: Instant::now(),
+    };
+    let mut ticks = tokio::time::interval(WATCHDOG_TICK);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            reason = connection.closed() => {
+                if matches!(reason, quinn::ConnectionError::Reset) {
+                    metrics().quic_connections_reset.inc();
+                    tracing::info!(%address, "peer sidecar restarted: it reset the old connection");
+                }
+                return;
+            }
+            _ = ticks.tick() => {}
+        }
+        let datagrams = connection.stats().udp_rx.datagrams;
+        let waiting = link.waiting.load(Ordering::Acquire);
+        if silence.look(datagrams, waiting, Instant::now()) == Verdict::Dead {
+            metrics().quic_dead_connections.inc();
+            tracing::warn!(%address, waiting, silent_ms = DEAD_AFTER.as_millis() as u64, "peer sidecar stopped answering; connection declared dead and its calls moved");
+            if let Some(slot) = slot.upgrade() {
+                slot.remember_failure(format!(
+                    "peer stopped answering (nothing received for {} ms)",
+                    DEAD_AFTER.as_millis()
+                ));
+            }
+            connection.close(VarInt::from_u32(H3_NO_ERROR), b"peer unresponsive");
+            return;
+        }
     }
 }
 
@@ -554,5 +906,105 @@ mod tests {
         assert_eq!(pool.retain_only(&HashSet::from([address(1)])), 2);
         let slots = pool.slots.lock().unwrap();
         assert_eq!(slots.keys().cloned().collect::<Vec<_>>(), vec![key(1, "a")]);
+    }
+    #[test]
+    fn silence_only_counts_while_calls_wait() {
+        let start = Instant::now();
+        let mut silence = Silence {
+            datagrams: 5,
+            heard: start,
+        };
+        let later = |ms| start + Duration::from_millis(ms);
+        // Idle for a long time: nobody waits, so nothing is judged.
+        assert_eq!(silence.look(5, 0, later(5_000)), Verdict::Alive);
+        // A call starts waiting; the clock runs from the last look.
+        assert_eq!(silence.look(5, 1, later(5_100)), Verdict::Alive);
+        assert_eq!(silence.look(5, 1, later(5_400)), Verdict::Alive);
+        assert_eq!(silence.look(5, 1, later(5_500)), Verdict::Dead);
+    }
+
+    #[test]
+    fn anything_received_restarts_the_silence() {
+        let start = Instant::now();
+        let mut silence = Silence {
+            datagrams: 0,
+            heard: start,
+        };
+        let later = |ms| start + Duration::from_millis(ms);
+        assert_eq!(silence.look(0, 3, later(400)), Verdict::Alive);
+        assert_eq!(
+            silence.look(1, 3, later(450)),
+            Verdict::Alive,
+            "an ACK came"
+        );
+        assert_eq!(silence.look(1, 3, later(900)), Verdict::Alive);
+        assert_eq!(silence.look(1, 3, later(950)), Verdict::Dead);
+    }
+
+    #[test]
+    fn a_slot_offers_a_remembered_failure_only_for_a_moment_or_a_connect_to_join() {
+        let now = Instant::now();
+        assert!(inspect(&SlotState::Empty, now).is_none());
+        let failed = SlotState::Failed {
+            since: now,
+            reason: "refused".to_string(),
+        };
+        assert!(matches!(
+            inspect(&failed, now + Duration::from_millis(10)),
+            Some(Found::Remembered(_))
+        ));
+        assert!(inspect(&failed, now + FAILURE_MEMORY).is_none());
+        let (_publish, receiver) = watch::channel(None);
+        assert!(matches!(
+            inspect(&SlotState::Connecting(receiver), now),
+            Some(Found::Wait(_))
+        ));
+    }
+
+    #[test]
+    fn a_dead_connection_is_charged_to_its_endpoint_once() {
+        let link = Arc::new(Link::default());
+        let guards: Vec<Waiting> = (0..3).map(|_| link.waiting()).collect();
+        assert_eq!(link.waiting.load(Ordering::Acquire), 3);
+        drop(guards);
+        assert_eq!(link.waiting.load(Ordering::Acquire), 0);
+        assert!(link.first_to_report_loss());
+        assert!(!link.first_to_report_loss());
+        assert!(!link.first_to_report_loss());
+    }
+
+    #[test]
+    fn the_reset_key_is_the_same_for_the_same_secret_and_differs_otherwise() {
+        let sign = |secret: &[u8]| {
+            let key = reset_key(secret);
+            let mut tag = vec![0u8; key.signature_len()];
+            key.sign(b"connection id", &mut tag);
+            tag
+        };
+        assert_eq!(
+            sign(b"pod key"),
+            sign(b"pod key"),
+            "a restarted process agrees"
+        );
+        assert_ne!(sign(b"pod key"), sign(b"another pod key"));
+    }
+
+    #[tokio::test]
+    async fn a_remembered_failure_is_told_at_once_and_not_charged_again() {
+        let pool = pool();
+        let address = address(9);
+        let name: Arc<str> = Arc::from("peer");
+        pool.slots
+            .lock()
+            .unwrap()
+            .entry((address, name.clone()))
+            .or_default()
+            .remember_failure("connect timed out".to_string());
+        let error = match pool.sender(address, &name, None).await {
+            Err(error) => error,
+            Ok(_) => panic!("a remembered failure must not connect"),
+        };
+        assert!(!error.fresh);
+        assert!(error.to_string().contains("connect timed out"), "{error}");
     }
 }

@@ -126,6 +126,12 @@ impl TlsMaterial {
     }
 
     /// The inbound side: requires a client certificate from the CA.
+    /// The private key's DER bytes: the secret the inbound's stateless-reset key is derived
+    /// from, so a restarted sidecar with the same key can reset its predecessor's connections.
+    pub fn private_key_der(&self) -> &[u8] {
+        self.key.secret_der()
+    }
+
     pub fn quic_server_config(&self) -> Result<QuicServerConfig, TlsError> {
         let mut config = rustls::ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])

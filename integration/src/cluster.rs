@@ -216,11 +216,18 @@ impl Cluster {
         self.kube.set_pod_ready(NAMESPACE, name, ready);
     }
 
-    /// Kills the pod's app abruptly (its connections drop); its sidecar stays up.
-    pub fn kill_app(&mut self, name: &str) {
+    /// Kills the pod's app abruptly (its connections drop) and returns once it is gone; its
+    /// sidecar stays up.
+    pub async fn kill_app(&mut self, name: &str) {
         if let Some(app) = self.pod_mut(name).app.take() {
-            app.abort();
+            app.kill().await;
         }
+    }
+
+    /// Kills the pod's sidecar with SIGKILL (as when its container or node dies), marked as
+    /// expected so the harness does not count it as a crash; the pod's app stays up.
+    pub fn kill_sidecar(&mut self, name: &str) {
+        self.pod_mut(name).sidecar.kill();
     }
 
     /// Starts the pod's app again on the same address.
@@ -247,6 +254,16 @@ impl Cluster {
             QUIC_PORT,
         ));
         self.pods.push(pod);
+    }
+
+    /// Calls the echo apps of every pod received so far: each attempt that reached an app
+    /// counts once (a killed app's calls no longer count).
+    pub fn app_calls(&self) -> u64 {
+        self.pods
+            .iter()
+            .filter_map(|pod| pod.app.as_ref())
+            .map(|app| app.state().calls_started())
+            .sum()
     }
 
     /// The client sidecar's `/endpoints` view.
@@ -383,4 +400,100 @@ pub async fn answers_by_pod(
         }
     }
     (counts, failures)
+}
+
+/// A steady load of unary calls, `concurrency` at a time, until [`Load::finish`]: tests
+/// synchronize on its count of completed calls (kill something after N calls, stop N calls
+/// later) instead of on sleeps, so a slow machine changes the timing but not what is tested.
+pub struct Load {
+    completed: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    tasks: tokio::task::JoinSet<LoadResult>,
+}
+
+/// One load worker's tally: who answered, and the failures.
+type LoadResult = (
+    std::collections::BTreeMap<String, usize>,
+    Vec<tonic::Status>,
+);
+
+impl Load {
+    /// Starts `concurrency` workers, each making one call after another (10 s deadline each).
+    pub fn start(
+        client: &crate::pb::echo_client::EchoClient<tonic::transport::Channel>,
+        concurrency: usize,
+    ) -> Load {
+        use std::sync::atomic::Ordering;
+        let completed = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..concurrency {
+            let mut client = client.clone();
+            let completed = completed.clone();
+            let stop = stop.clone();
+            tasks.spawn(async move {
+                let mut counts = std::collections::BTreeMap::new();
+                let mut failures = Vec::new();
+                while !stop.load(Ordering::SeqCst) {
+                    let mut request = tonic::Request::new(crate::pb::EchoRequest {
+                        payload: bytes::Bytes::from_static(b"load"),
+                        ..Default::default()
+                    });
+                    request.set_timeout(Duration::from_secs(10));
+                    match client.unary(request).await {
+                        Ok(reply) => *counts.entry(reply.into_inner().server).or_insert(0) += 1,
+                        Err(status) => failures.push(status),
+                    }
+                    completed.fetch_add(1, Ordering::SeqCst);
+                }
+                (counts, failures)
+            });
+        }
+        Load {
+            completed,
+            stop,
+            tasks,
+        }
+    }
+
+    /// Calls completed so far (answered or failed).
+    pub fn completed(&self) -> usize {
+        self.completed.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Waits until at least `count` calls completed; panics after `limit`.
+    pub async fn wait_completed(&self, count: usize, limit: Duration) {
+        crate::harness::within(
+            limit,
+            &format!("{count} completed calls of the load"),
+            async {
+                while self.completed() < count {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            },
+        )
+        .await
+    }
+
+    /// Stops the workers and returns who answered and what failed; panics after `limit`.
+    pub async fn finish(mut self, limit: Duration) -> LoadResult {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let results = crate::harness::within(limit, "the load's last calls", async {
+            let mut all = Vec::new();
+            while let Some(result) = self.tasks.join_next().await {
+                all.push(result.expect("a load worker panicked"));
+            }
+            all
+        })
+        .await;
+        let mut counts = std::collections::BTreeMap::new();
+        let mut failures = Vec::new();
+        for (worker_counts, worker_failures) in results {
+            for (pod, n) in worker_counts {
+                *counts.entry(pod).or_insert(0) += n;
+            }
+            failures.extend(worker_failures);
+        }
+        (counts, failures)
+    }
 }

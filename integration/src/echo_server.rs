@@ -1,6 +1,7 @@
 //! The echo test service: a plain h2c gRPC server implementing `echo.Echo` that behaves like a
-//! real application on demand (reply size, delay, error status, stream length, trailers-only
-//! errors, metadata echo) and records what it observed, so tests can assert on what the
+//! real application on demand (reply size, delay, error status on all or some servers, server
+//! pushback, stream length, trailers-only errors, metadata echo, the retry-attempt header it
+//! received) and records what it observed, so tests can assert on what the
 //! application side saw: how many calls arrived, how many were cancelled under it, and how much
 //! streaming data it was allowed to produce.
 //!
@@ -134,14 +135,33 @@ fn received_grpc_timeout(metadata: &MetadataMap) -> String {
         .to_owned()
 }
 
-fn requested_status(req: &EchoRequest) -> Option<Status> {
-    (req.status_code != 0).then(|| {
-        Status::with_details(
-            Code::from_i32(req.status_code),
-            req.status_message.clone(),
-            req.status_details.clone(),
-        )
-    })
+fn received_previous_attempts(metadata: &MetadataMap) -> String {
+    metadata
+        .get("grpc-previous-rpc-attempts")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// The status `req` asks this server (`name`) to fail with, with its pushback header if any.
+fn requested_status(req: &EchoRequest, name: &str) -> Option<Status> {
+    if req.status_code == 0 || !(req.fail_on.is_empty() || req.fail_on.iter().any(|n| n == name)) {
+        return None;
+    }
+    let mut status = Status::with_details(
+        Code::from_i32(req.status_code),
+        req.status_message.clone(),
+        req.status_details.clone(),
+    );
+    if !req.retry_pushback_ms.is_empty() {
+        // A value that is no valid header is a test bug; send none rather than fail the call.
+        if let Ok(value) = req.retry_pushback_ms.parse() {
+            status
+                .metadata_mut()
+                .insert("grpc-retry-pushback-ms", value);
+        }
+    }
+    Some(status)
 }
 
 fn reply_payload(req: &EchoRequest) -> Bytes {
@@ -175,10 +195,11 @@ impl Echo for EchoService {
         request: tonic::Request<EchoRequest>,
     ) -> Result<tonic::Response<EchoReply>, Status> {
         let timeout = received_grpc_timeout(request.metadata());
+        let attempts = received_previous_attempts(request.metadata());
         let headers_first = request.extensions().get::<HeadersFirst>().cloned();
         let req = request.into_inner();
         delay(req.delay_ms).await;
-        if let Some(status) = requested_status(&req) {
+        if let Some(status) = requested_status(&req, &self.name) {
             return Err(fail(status, req.trailers_only, headers_first.as_ref()));
         }
         Ok(tonic::Response::new(EchoReply {
@@ -186,6 +207,7 @@ impl Echo for EchoService {
             server: self.name.to_string(),
             sequence: 0,
             received_grpc_timeout: timeout,
+            received_previous_rpc_attempts: attempts,
         }))
     }
 
@@ -196,8 +218,9 @@ impl Echo for EchoService {
         request: tonic::Request<EchoRequest>,
     ) -> Result<tonic::Response<Self::ServerStreamStream>, Status> {
         let timeout = received_grpc_timeout(request.metadata());
+        let attempts = received_previous_attempts(request.metadata());
         let req = request.into_inner();
-        let status = requested_status(&req);
+        let status = requested_status(&req, &self.name);
         if req.trailers_only {
             if let Some(status) = status {
                 return Err(status);
@@ -215,6 +238,7 @@ impl Echo for EchoService {
             let name = name.clone();
             let state = state.clone();
             let timeout = timeout.clone();
+            let attempts = attempts.clone();
             async move {
                 if sequence < count {
                     delay(delay_ms).await;
@@ -226,6 +250,7 @@ impl Echo for EchoService {
                         server: name.to_string(),
                         sequence,
                         received_grpc_timeout: timeout,
+                        received_previous_rpc_attempts: attempts,
                     };
                     Some((Ok(reply), (sequence + 1, status)))
                 } else {
@@ -241,6 +266,7 @@ impl Echo for EchoService {
         request: tonic::Request<Streaming<EchoRequest>>,
     ) -> Result<tonic::Response<EchoReply>, Status> {
         let timeout = received_grpc_timeout(request.metadata());
+        let attempts = received_previous_attempts(request.metadata());
         let headers_first = request.extensions().get::<HeadersFirst>().cloned();
         let mut requests = request.into_inner();
         let mut received = 0u64;
@@ -261,7 +287,7 @@ impl Echo for EchoService {
             last = req;
         }
         delay(last.delay_ms).await;
-        if let Some(status) = requested_status(&last) {
+        if let Some(status) = requested_status(&last, &self.name) {
             return Err(fail(status, last.trailers_only, headers_first.as_ref()));
         }
         let payload = if last.reply_size > 0 {
@@ -274,6 +300,7 @@ impl Echo for EchoService {
             server: self.name.to_string(),
             sequence: received,
             received_grpc_timeout: timeout,
+            received_previous_rpc_attempts: attempts,
         }))
     }
 
@@ -284,6 +311,7 @@ impl Echo for EchoService {
         request: tonic::Request<Streaming<EchoRequest>>,
     ) -> Result<tonic::Response<Self::BidiStream>, Status> {
         let timeout = received_grpc_timeout(request.metadata());
+        let attempts = received_previous_attempts(request.metadata());
         let requests = request.into_inner();
         let name = self.name.clone();
         // Bidi answers as soon as the call starts (it never waits for a first request), so it
@@ -294,6 +322,7 @@ impl Echo for EchoService {
             move |(mut requests, sequence, finished)| {
                 let name = name.clone();
                 let timeout = timeout.clone();
+                let attempts = attempts.clone();
                 async move {
                     if finished {
                         return None;
@@ -301,7 +330,7 @@ impl Echo for EchoService {
                     match requests.message().await {
                         Ok(Some(req)) => {
                             delay(req.delay_ms).await;
-                            if let Some(status) = requested_status(&req) {
+                            if let Some(status) = requested_status(&req, &name) {
                                 return Some((Err(status), (requests, sequence, true)));
                             }
                             let reply = EchoReply {
@@ -309,6 +338,7 @@ impl Echo for EchoService {
                                 server: name.to_string(),
                                 sequence,
                                 received_grpc_timeout: timeout,
+                                received_previous_rpc_attempts: attempts,
                             };
                             Some((Ok(reply), (requests, sequence + 1, false)))
                         }
@@ -481,6 +511,8 @@ pub struct EchoServerHandle {
     addr: SocketAddr,
     state: Arc<EchoState>,
     task: tokio::task::JoinHandle<()>,
+    /// Tells the server task to close everything and end, for [`EchoServerHandle::kill`].
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl EchoServerHandle {
@@ -497,6 +529,15 @@ impl EchoServerHandle {
     /// Kills the server and all its connections without any graceful shutdown.
     pub fn abort(&self) {
         self.task.abort();
+    }
+
+    /// Kills the server like [`EchoServerHandle::abort`] and returns once it is gone: the
+    /// listener and every connection are closed, so a test can go on knowing the app is down.
+    pub async fn kill(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let _ = (&mut self.task).await;
     }
 
     /// Runs until the server task ends (it only ends when aborted).
@@ -526,15 +567,31 @@ pub async fn spawn_echo_server(addr: SocketAddr, name: &str) -> std::io::Result<
             .max_encoding_message_size(MAX_MESSAGE_SIZE),
         state: state.clone(),
     };
-    let task = tokio::spawn(accept_loop(listener, http));
-    Ok(EchoServerHandle { addr, state, task })
+    let (stop, stopped) = tokio::sync::oneshot::channel();
+    let task = tokio::spawn(accept_loop(listener, http, stopped));
+    Ok(EchoServerHandle {
+        addr,
+        state,
+        task,
+        stop: Some(stop),
+    })
 }
 
-async fn accept_loop(listener: TcpListener, http: EchoHttp) {
+async fn accept_loop(
+    listener: TcpListener,
+    http: EchoHttp,
+    mut stopped: tokio::sync::oneshot::Receiver<()>,
+) {
     // Connections live in this JoinSet so that aborting the accept task drops them all.
     let mut connections = JoinSet::new();
     loop {
         tokio::select! {
+            _ = &mut stopped => {
+                drop(listener);
+                // Aborts every connection task and waits until each one is gone.
+                connections.shutdown().await;
+                return;
+            }
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
                     let _ = stream.set_nodelay(true);

@@ -10,7 +10,10 @@ use std::{
     net::{Ipv4Addr, SocketAddr, TcpListener, UdpSocket},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    sync::atomic::{AtomicU32, Ordering},
+    sync::{
+        atomic::{AtomicU32, Ordering},
+        OnceLock,
+    },
     time::Duration,
 };
 
@@ -39,29 +42,71 @@ pub const UPSTREAM: &str = "echo";
 /// Name the standard [`Pipeline`]'s echo server reports in its replies.
 pub const SERVER_NAME: &str = "echo-1";
 
-/// The `locality-sidecar` binary next to the running test executable.
+/// The `locality-sidecar` binary next to the running test executable, checked to be fresh.
 ///
-/// Test executables live in `target/<profile>/deps/`, binaries in `target/<profile>/`.
-/// `LOCALITY_SIDECAR_BIN` overrides the location (e.g. to test a release build).
+/// Test executables live in `target/<profile>/deps/`, binaries in `target/<profile>/`. The
+/// first call in a test process compares the binary's modification time with the sidecar's
+/// sources (`sidecar/`, the workspace `Cargo.toml` and `Cargo.lock`): `cargo test -p
+/// integration` alone builds only the tests, so an edited sidecar would otherwise be tested
+/// through its old binary. A stale or missing binary fails the test, saying what to run.
+/// (Building it from here instead would build with another package selection than the outer
+/// `cargo test`, and cargo would rebuild shared dependencies back and forth between the two.)
+/// `LOCALITY_SIDECAR_BIN` overrides the location and skips the check (e.g. to test a release
+/// or installed build).
 pub fn sidecar_binary() -> PathBuf {
     if let Some(path) = std::env::var_os("LOCALITY_SIDECAR_BIN") {
         return PathBuf::from(path);
     }
-    let exe = std::env::current_exe().expect("the test executable knows its own path");
+    static CHECKED: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    CHECKED
+        .get_or_init(fresh_sidecar_binary)
+        .clone()
+        .unwrap_or_else(|problem| panic!("{problem}"))
+}
+
+fn fresh_sidecar_binary() -> Result<PathBuf, String> {
+    let exe = std::env::current_exe()
+        .map_err(|e| format!("the test executable does not know its own path: {e}"))?;
     let mut dir = exe
         .parent()
-        .expect("the test executable is in a directory")
+        .ok_or("the test executable is in no directory")?
         .to_path_buf();
     if dir.ends_with("deps") {
         dir.pop();
     }
     let binary = dir.join(format!("locality-sidecar{}", std::env::consts::EXE_SUFFIX));
-    assert!(
-        binary.exists(),
-        "{} does not exist: run `cargo build --workspace --bins` first",
-        binary.display()
-    );
-    binary
+    let build = if dir.ends_with("release") {
+        "cargo build --release --workspace --bins"
+    } else {
+        "cargo build --workspace --bins"
+    };
+    let built = std::fs::metadata(&binary)
+        .and_then(|m| m.modified())
+        .map_err(|e| format!("{} is missing ({e}): run `{build}` first", binary.display()))?;
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .ok_or("the integration crate is in no workspace")?;
+    let mut sources = vec![workspace.join("Cargo.toml"), workspace.join("Cargo.lock")];
+    let mut pending = vec![workspace.join("sidecar")];
+    while let Some(path) = pending.pop() {
+        match std::fs::read_dir(&path) {
+            Ok(entries) => pending.extend(entries.flatten().map(|e| e.path())),
+            Err(_) => sources.push(path),
+        }
+    }
+    for source in sources {
+        let Ok(modified) = std::fs::metadata(&source).and_then(|m| m.modified()) else {
+            continue;
+        };
+        if modified > built {
+            return Err(format!(
+                "{} is older than {}: the tests would run a stale sidecar; run `{build}` first",
+                binary.display(),
+                source.display()
+            ));
+        }
+    }
+    Ok(binary)
 }
 
 /// A loopback IP that no other caller in this process has been given: `127.A.B.C`, where `A`

@@ -173,7 +173,7 @@ async fn main() -> anyhow::Result<()> {
     round(&cluster, &client, "round 1").await?;
 
     println!("\n4. echo-a1's app crashes (the API still says ready): the sidecar retries on other nodes, no call fails");
-    cluster.kill_app("echo-a1");
+    cluster.kill_app("echo-a1").await;
     for i in 1..=2 {
         round(&cluster, &client, &format!("round {i}")).await?;
     }

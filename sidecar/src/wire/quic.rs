@@ -761,13 +761,16 @@ pub async fn evict_departed(
     }
 }
 
+/// The TLS alert a QUIC transport error code carries: QUIC sends TLS alerts as codes 0x100 +
+/// alert (RFC 9001, section 4.8).
+fn tls_alert(code: u64) -> Option<u64> {
+    // `then`, not `then_some`: the subtraction must only run for codes in the range.
+    (0x100..0x200).contains(&code).then(|| code - 0x100)
+}
+
 /// Turns quinn's connection errors into words an operator can act on.
 pub fn describe_connection_error(error: &quinn::ConnectionError) -> String {
-    // QUIC carries TLS alerts as transport codes 0x100 + alert (RFC 9001, section 4.8).
-    let tls_alert = |code: quinn::TransportErrorCode| {
-        let code = u64::from(code);
-        (0x100..0x200).contains(&code).then_some(code - 0x100)
-    };
+    let tls_alert = |code: quinn::TransportErrorCode| tls_alert(u64::from(code));
     match error {
         quinn::ConnectionError::TransportError(local) => match tls_alert(local.code) {
             Some(_) => format!("TLS handshake failed: {}", local.reason),
@@ -1006,5 +1009,18 @@ mod tests {
         };
         assert!(!error.fresh);
         assert!(error.to_string().contains("connect timed out"), "{error}");
+    }
+
+    #[test]
+    fn connection_errors_below_the_tls_range_are_described_without_panicking() {
+        // A code below the TLS range once made the subtraction overflow (a panic in debug
+        // builds) for any non-TLS transport error.
+        assert_eq!(tls_alert(0x0a), None);
+        assert_eq!(tls_alert(0x100 + 42), Some(42));
+        assert_eq!(tls_alert(0x200), None);
+        assert_eq!(
+            describe_connection_error(&quinn::ConnectionError::TimedOut),
+            "no answer from the peer (timed out)"
+        );
     }
 }

@@ -77,16 +77,6 @@ impl Callers {
         }
     }
 
-    /// Calls finished after `since` matching `filter`.
-    fn count_since(&self, since: Instant, filter: impl Fn(&Outcome) -> bool) -> usize {
-        self.outcomes
-            .lock()
-            .expect("outcomes lock")
-            .iter()
-            .filter(|outcome| outcome.0 >= since && filter(outcome))
-            .count()
-    }
-
     /// Waits until `condition` holds over the calls so far; panics after `limit`.
     async fn wait_for(&self, what: &str, limit: Duration, condition: impl Fn(&[Outcome]) -> bool) {
         within(limit, what, async {

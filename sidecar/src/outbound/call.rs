@@ -87,8 +87,11 @@ pub async fn handle_call(
     let mut state = CallState::default();
     let mut tried: Vec<SocketAddr> = Vec::new();
     let mut previous: Option<Arc<RankedEndpoint>> = None;
+    // This call's own view of the ranking, so waiting for a change (waitForReady) cannot miss
+    // one that happened between a pick and the wait.
+    let mut rankings = upstream.ranking.clone();
     loop {
-        let ranking = upstream.ranking.borrow().clone();
+        let ranking = rankings.borrow_and_update().clone();
         let picked = ranking.pick_for_attempt(&tried);
         let (outcome, response, tier) = match &picked {
             None => {
@@ -170,10 +173,11 @@ pub async fn handle_call(
                 upstream.metrics.retries.inc();
             }
             Next::WaitForEndpoints => {
-                let mut changes = upstream.ranking.clone();
                 let changed = async {
-                    // Ends early if the ranking's publisher is gone; the next pick then decides.
-                    let _ = changes.changed().await;
+                    if rankings.changed().await.is_err() {
+                        // Nothing will ever change: wait out the deadline rather than spin.
+                        std::future::pending::<()>().await;
+                    }
                 };
                 let waited = match policy.deadline {
                     Some(deadline) => tokio::time::timeout_at(deadline, changed).await.is_ok(),

@@ -494,7 +494,9 @@ async fn handle_call(request: Request<()>, mut send: PeerSend, recv: PeerRecv, a
             let _ = send.finish().await;
             return;
         }
-        match pump_body(body, &mut send, H3Code::H3_INTERNAL_ERROR).await {
+        // A response cut off with no reason from the app means its connection died: a transport
+        // loss, which the caller sees as UNAVAILABLE (an app reset keeps its own code).
+        match pump_body(body, &mut send, grpc::H3_APP_CONNECTION_LOST).await {
             PumpEnd::Complete => {}
             end => tracing::debug!(?end, "response to peer ended early"),
         }

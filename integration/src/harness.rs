@@ -42,6 +42,9 @@ pub const UPSTREAM: &str = "echo";
 /// Name the standard [`Pipeline`]'s echo server reports in its replies.
 pub const SERVER_NAME: &str = "echo-1";
 
+/// Pod name of the standard [`Pipeline`]'s server endpoint; sidecar errors name it.
+pub const SERVER_POD: &str = "echo-pod-1";
+
 /// The `locality-sidecar` binary next to the running test executable, checked to be fresh.
 ///
 /// Test executables live in `target/<profile>/deps/`, binaries in `target/<profile>/`. The
@@ -216,6 +219,9 @@ pub struct StaticEndpoint {
     pub address: SocketAddr,
     pub node: String,
     pub zone: String,
+    /// The pod name the sidecar reports (logs, `/endpoints`, error messages); the sidecar
+    /// uses the address when it is absent.
+    pub pod: Option<String>,
 }
 
 impl StaticEndpoint {
@@ -224,7 +230,14 @@ impl StaticEndpoint {
             address,
             node: node.to_owned(),
             zone: zone.to_owned(),
+            pod: None,
         }
+    }
+
+    /// This endpoint, named `pod`.
+    pub fn with_pod(mut self, pod: &str) -> Self {
+        self.pod = Some(pod.to_owned());
+        self
     }
 }
 
@@ -250,7 +263,14 @@ pub fn client_sidecar_config(
 ) -> String {
     let endpoints: Vec<_> = endpoints
         .iter()
-        .map(|e| json!({"address": e.address.to_string(), "node": e.node, "zone": e.zone}))
+        .map(|e| {
+            let mut endpoint =
+                json!({"address": e.address.to_string(), "node": e.node, "zone": e.zone});
+            if let Some(pod) = &e.pod {
+                endpoint["pod"] = json!(pod);
+            }
+            endpoint
+        })
         .collect();
     to_yaml(&json!({
         "outbound": [{"listen": listen.to_string(), "name": upstream, "endpoints": endpoints}],
@@ -744,7 +764,7 @@ impl Pipeline {
             &client_sidecar_config(
                 app_addr,
                 upstream,
-                &[StaticEndpoint::new(quic_addr, "node-a", "z1")],
+                &[StaticEndpoint::new(quic_addr, "node-a", "z1").with_pod(SERVER_POD)],
                 client_tls,
                 client_admin,
             ),

@@ -90,6 +90,16 @@ impl Callers {
         .await
     }
 
+    /// Waits until the same-node pod has answered 50 calls: locality is in force.
+    async fn wait_for_same_node_answers(&self) {
+        self.wait_for(
+            "50 calls answered on the same node",
+            Duration::from_secs(30),
+            |all| all.iter().filter(|o| answered_by(o, SAME_NODE_POD)).count() >= 50,
+        )
+        .await
+    }
+
     async fn finish(mut self) -> Vec<Outcome> {
         self.stop.store(true, Ordering::SeqCst);
         within(Duration::from_secs(10), "the callers' last calls", async {
@@ -142,13 +152,7 @@ async fn freeze_same_node_pod(
     client: &EchoClient<Channel>,
 ) -> (Vec<Outcome>, Instant) {
     let callers = Callers::start(client);
-    callers
-        .wait_for(
-            "50 calls answered on the same node",
-            Duration::from_secs(30),
-            |all| all.iter().filter(|o| answered_by(o, SAME_NODE_POD)).count() >= 50,
-        )
-        .await;
+    callers.wait_for_same_node_answers().await;
     let frozen = &cluster.pod(SAME_NODE_POD).sidecar;
     let freeze = Instant::now();
     signal(frozen, "STOP");
@@ -217,13 +221,7 @@ async fn with_a_per_attempt_timeout_a_frozen_pod_costs_no_call() {
 async fn a_restarted_same_node_sidecar_costs_at_most_one_percent_and_gets_calls_back() {
     let (mut cluster, client) = cluster(None).await;
     let callers = Callers::start(&client);
-    callers
-        .wait_for(
-            "50 calls answered on the same node",
-            Duration::from_secs(30),
-            |all| all.iter().filter(|o| answered_by(o, SAME_NODE_POD)).count() >= 50,
-        )
-        .await;
+    callers.wait_for_same_node_answers().await;
     let dir = cluster.dir.path().to_path_buf();
     let pod = cluster
         .pods

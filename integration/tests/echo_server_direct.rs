@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use http::{HeaderMap, HeaderValue};
 use integration::{
     echo_server::{pattern, spawn_echo_server, EchoServerHandle},
-    harness::{decode_grpc_frames, echo_client, grpc_frame, raw_grpc_call, within},
+    harness::{decode_grpc_frames, grpc_frame, raw_grpc_call, within},
     pb::{echo_client::EchoClient, EchoReply, EchoRequest},
 };
 use tokio_stream::StreamExt as _;
@@ -19,7 +19,17 @@ async fn start() -> (EchoServerHandle, EchoClient<Channel>) {
     let server = spawn_echo_server("127.0.0.1:0".parse().unwrap(), "direct")
         .await
         .expect("start echo server");
-    let client = echo_client(server.addr()).await;
+    // Every call's response headers within LIMIT (stream messages are bounded one by one).
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", server.addr()))
+        .expect("a valid URI")
+        .connect_timeout(LIMIT)
+        .timeout(LIMIT)
+        .connect()
+        .await
+        .expect("connect to the echo server");
+    let client = EchoClient::new(channel)
+        .max_decoding_message_size(integration::echo_server::MAX_MESSAGE_SIZE)
+        .max_encoding_message_size(integration::echo_server::MAX_MESSAGE_SIZE);
     (server, client)
 }
 
@@ -163,8 +173,15 @@ async fn direct_metadata_is_echoed_in_headers_and_trailers() {
         &[0, 255, 10][..]
     );
     let mut stream = response.into_inner();
-    while stream.message().await.expect("message").is_some() {}
-    let trailers = stream.trailers().await.expect("trailers").expect("some");
+    while within(LIMIT, "stream message", stream.message())
+        .await
+        .expect("message")
+        .is_some()
+    {}
+    let trailers = within(LIMIT, "trailers", stream.trailers())
+        .await
+        .expect("trailers")
+        .expect("some");
     assert_eq!(
         trailers
             .get_bin("x-echo-blob-bin")
@@ -197,7 +214,10 @@ async fn direct_server_stream_is_produced_only_as_fast_as_it_is_read() {
         .expect("server stream")
         .into_inner();
     for sequence in 0..10 {
-        let reply = stream.message().await.expect("message").expect("some");
+        let reply = within(LIMIT, "stream message", stream.message())
+            .await
+            .expect("message")
+            .expect("some");
         assert_eq!(reply.sequence, sequence);
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -222,9 +242,14 @@ async fn direct_server_stream_ends_with_the_requested_status_after_replies() {
         .expect("server stream")
         .into_inner();
     for _ in 0..3 {
-        stream.message().await.expect("message").expect("some");
+        within(LIMIT, "stream message", stream.message())
+            .await
+            .expect("message")
+            .expect("some");
     }
-    let status = stream.message().await.expect_err("status after replies");
+    let status = within(LIMIT, "stream message", stream.message())
+        .await
+        .expect_err("status after replies");
     assert_eq!(status.code(), Code::Aborted);
     assert_eq!(status.message(), "stop");
 }
@@ -242,7 +267,10 @@ async fn direct_dropped_calls_are_counted_as_cancelled() {
         .await
         .expect("server stream")
         .into_inner();
-    stream.message().await.expect("message").expect("some");
+    within(LIMIT, "stream message", stream.message())
+        .await
+        .expect("message")
+        .expect("some");
     drop(stream);
     assert!(
         server
@@ -297,7 +325,7 @@ async fn direct_client_stream_and_bidi_round_trip() {
         .expect("bidi")
         .into_inner();
     let mut count = 0;
-    while let Some(reply) = replies.next().await {
+    while let Some(reply) = within(LIMIT, "next reply", replies.next()).await {
         let reply = reply.expect("reply");
         assert_eq!(reply.payload, requests[count].payload);
         assert_eq!(reply.sequence, count as u64);
@@ -318,12 +346,15 @@ async fn direct_abort_ends_the_client_stream_with_an_error() {
         .await
         .expect("server stream")
         .into_inner();
-    stream.message().await.expect("message").expect("some");
+    within(LIMIT, "stream message", stream.message())
+        .await
+        .expect("message")
+        .expect("some");
     let started = Instant::now();
     server.abort();
     let end = within(LIMIT, "stream end after abort", async {
         loop {
-            match stream.message().await {
+            match within(LIMIT, "stream message", stream.message()).await {
                 Ok(Some(_)) => continue,
                 other => return other,
             }
@@ -332,4 +363,46 @@ async fn direct_abort_ends_the_client_stream_with_an_error() {
     .await;
     assert!(end.is_err(), "aborted stream ended cleanly: {end:?}");
     assert!(started.elapsed() < LIMIT);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_fail_on_pushback_and_attempt_header_knobs() {
+    let (server, mut client) = start().await;
+    // `fail_on` naming another server: this one answers normally.
+    let reply = client
+        .unary(EchoRequest {
+            status_code: Code::Unavailable as i32,
+            fail_on: vec!["some-other-pod".into()],
+            ..Default::default()
+        })
+        .await
+        .expect("not this server's failure")
+        .into_inner();
+    assert_eq!(reply.server, "direct");
+    assert_eq!(reply.received_previous_rpc_attempts, "");
+    // `fail_on` naming this server: it fails, with the pushback header in its status.
+    let status = client
+        .unary(EchoRequest {
+            status_code: Code::Unavailable as i32,
+            status_message: "no".into(),
+            trailers_only: true,
+            fail_on: vec!["direct".into()],
+            retry_pushback_ms: "-250".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("this server fails");
+    assert_eq!(status.code(), Code::Unavailable);
+    assert_eq!(
+        status.metadata().get("grpc-retry-pushback-ms").unwrap(),
+        "-250"
+    );
+    // The attempt header, reported as received.
+    let mut request = tonic::Request::new(EchoRequest::default());
+    request
+        .metadata_mut()
+        .insert("grpc-previous-rpc-attempts", "2".parse().unwrap());
+    let reply = client.unary(request).await.expect("unary").into_inner();
+    assert_eq!(reply.received_previous_rpc_attempts, "2");
+    assert_eq!(server.state().calls_started(), 3);
 }

@@ -1,5 +1,5 @@
-//! gRFC A6 details end to end, through real sidecars: server pushback (a delay that is waited,
-//! negative and malformed values that stop retries), the `grpc-previous-rpc-attempts` header
+//! gRFC A6 details end to end, through real sidecars: the policy's backoff waited, server
+//! pushback (a delay that is waited, negative and malformed values that stop retries), the `grpc-previous-rpc-attempts` header
 //! the app sees and which pod each retry lands on, a retry the deadline cuts off, and a
 //! client-streaming call replayed whole on another pod. The echo app fails on chosen pods only
 //! (`fail_on`) and sends pushback on request (`retry_pushback_ms`).
@@ -78,6 +78,29 @@ async fn server_pushback_delays_the_retry_by_what_the_server_asked() {
     assert!(
         took >= Duration::from_millis(1500),
         "the retry came {took:?} after the call started, before the 1500 ms pushback"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_policy_backoff_is_waited_between_attempts() {
+    // One retry after a 1 s backoff, jittered to 0.8-1.2 s by A6's formula.
+    let cluster = Cluster::start(spec(
+        2,
+        json!({"retryPolicy": {"initialBackoff": "1s", "maxBackoff": "1s"}}),
+    ))
+    .await;
+    let before = cluster.app_calls();
+    let started = Instant::now();
+    let status = call(&cluster, failing(&[], ""))
+        .await
+        .expect_err("every pod fails");
+    let took = started.elapsed();
+    eprintln!("two attempts 1 s of backoff apart took {took:?}");
+    assert_eq!(status.code(), tonic::Code::Unavailable);
+    assert_eq!(cluster.app_calls() - before, 2, "one retry");
+    assert!(
+        took >= Duration::from_millis(800),
+        "the retry came {took:?} after the call started, before the backoff's 0.8 s minimum"
     );
 }
 

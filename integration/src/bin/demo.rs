@@ -3,8 +3,9 @@
 //! with an outbound sidecar on node-a) that shows same-node-first routing and fall-through live.
 //!
 //! It sends calls in rounds and prints which node answered each round's share, then takes the
-//! same-node pod out of service twice (un-ready through the API, then its app killed outright)
-//! and brings it back, and finishes with the client sidecar's own counters.
+//! same-node pod out of service three times (un-ready through the API, its app killed outright,
+//! its sidecar frozen with SIGSTOP as a hung node looks) and brings it back each time, and
+//! finishes with the client sidecar's own counters.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -97,6 +98,33 @@ fn counter(metrics: &str, name: &str, filter: &str) -> f64 {
         .fold(0.0, |total, value| total + value)
 }
 
+/// Waits (at most 30 s) until the client sidecar has no ejected endpoint.
+async fn wait_until_nothing_ejected(cluster: &Cluster) {
+    let waited = Instant::now();
+    loop {
+        let view = cluster.endpoints_view().await;
+        let ejected = view["upstreams"][0]["endpoints"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|e| e["ejected"] == json!(true));
+        if !ejected || waited.elapsed() > Duration::from_secs(30) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Sends `signal` (STOP, CONT) to a process, as `kill -SIGNAL PID` does.
+fn signal(pid: u32, signal: &str) -> anyhow::Result<()> {
+    let status = std::process::Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status()?;
+    anyhow::ensure!(status.success(), "kill -{signal} {pid} failed");
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     println!("locality-sidecar demo: a cluster on this machine");
@@ -181,19 +209,35 @@ async fn main() -> anyhow::Result<()> {
 
     println!("\n5. echo-a1's app restarts: after its ejection ends, calls return to node-a");
     cluster.restart_app("echo-a1").await;
-    let waited = Instant::now();
-    loop {
-        let view = cluster.endpoints_view().await;
-        let ejected = view["upstreams"][0]["endpoints"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .any(|e| e["ejected"] == json!(true));
-        if !ejected || waited.elapsed() > Duration::from_secs(30) {
+    wait_until_nothing_ejected(&cluster).await;
+    round(&cluster, &client, "round 1").await?;
+
+    println!("\n6. node-a freezes (echo-a1's sidecar stopped with SIGSTOP: no answer, no reset, as a hung");
+    println!("   node or a partition looks): its connection is declared dead within a second, calls move, none fails");
+    let frozen = cluster.pod("echo-a1").sidecar.pid();
+    signal(frozen, "STOP")?;
+    for i in 1..=2 {
+        round(&cluster, &client, &format!("round {i}")).await?;
+    }
+    println!("  ranking: {}", ranking(&cluster).await);
+
+    println!("\n7. node-a thaws (SIGCONT): calls come back to it");
+    signal(frozen, "CONT")?;
+    let thawed = Instant::now();
+    wait_until_nothing_ejected(&cluster).await;
+    // Probe with single calls until node-a answers: the endpoint is avoided for a second after
+    // its connection was declared dead, then reconnected.
+    while thawed.elapsed() < Duration::from_secs(30) {
+        let (by_pod, _) = answers_by_pod(&client, 1, 1).await;
+        if by_pod.contains_key("echo-a1") {
             break;
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    println!(
+        "  node-a answered again {:.0} ms after SIGCONT",
+        thawed.elapsed().as_secs_f64() * 1000.0
+    );
     round(&cluster, &client, "round 1").await?;
 
     let metrics = cluster.metrics().await;
@@ -231,6 +275,11 @@ async fn main() -> anyhow::Result<()> {
             "",
         ),
         ("ejections", "locality_sidecar_ejections_total", ""),
+        (
+            "connections declared dead (frozen)",
+            "locality_sidecar_quic_dead_connections_total",
+            "",
+        ),
     ] {
         println!("  {label:<34} {:>6}", counter(&metrics, name, filter));
     }

@@ -137,9 +137,9 @@ fn failures_since(outcomes: &[Outcome], since: Instant) -> (Vec<String>, usize) 
     (failures, after.len())
 }
 
-async fn cluster(per_attempt: Option<&str>) -> (Cluster, EchoClient<Channel>) {
+async fn cluster(service_config: serde_json::Value) -> (Cluster, EchoClient<Channel>) {
     let mut spec = ClusterSpec::three_nodes(1);
-    spec.service_config = Some(retry_policy(per_attempt));
+    spec.service_config = Some(service_config);
     let cluster = Cluster::start(spec).await;
     let client = echo_client(cluster.app_addr).await;
     (cluster, client)
@@ -174,7 +174,7 @@ async fn freeze_same_node_pod(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_same_node_pod_costs_at_most_one_percent_of_calls() {
-    let (cluster, client) = cluster(None).await;
+    let (cluster, client) = cluster(retry_policy(None)).await;
     let (outcomes, freeze) = freeze_same_node_pod(&cluster, &client).await;
     let (failures, total) = failures_since(&outcomes, freeze);
     let moved = outcomes
@@ -207,7 +207,7 @@ async fn a_frozen_same_node_pod_costs_at_most_one_percent_of_calls() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_a_per_attempt_timeout_a_frozen_pod_costs_no_call() {
-    let (cluster, client) = cluster(Some("0.2s")).await;
+    let (cluster, client) = cluster(retry_policy(Some("0.2s"))).await;
     let (outcomes, freeze) = freeze_same_node_pod(&cluster, &client).await;
     let (failures, total) = failures_since(&outcomes, freeze);
     println!(
@@ -218,8 +218,29 @@ async fn with_a_per_attempt_timeout_a_frozen_pod_costs_no_call() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_hedging_a_frozen_pod_costs_no_call_and_hedges_win() {
+    let hedging = json!({"methodConfig": [{"name": [{"service": "echo.Echo"}], "hedgingPolicy": {
+        "maxAttempts": 3, "hedgingDelay": "0.1s", "nonFatalStatusCodes": ["UNAVAILABLE"]}}]});
+    let (cluster, client) = cluster(hedging).await;
+    let (outcomes, freeze) = freeze_same_node_pod(&cluster, &client).await;
+    let (failures, total) = failures_since(&outcomes, freeze);
+    println!(
+        "frozen node, hedgingDelay 0.1s: {} of {total} calls failed",
+        failures.len()
+    );
+    assert!(failures.is_empty(), "calls failed: {failures:?}");
+    let metrics = cluster.metrics().await;
+    let won = metrics
+        .lines()
+        .find(|l| l.starts_with("locality_sidecar_hedges_won_total{"))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    assert!(won >= 1.0, "no call was answered by a hedge:\n{metrics}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_same_node_sidecar_costs_at_most_one_percent_and_gets_calls_back() {
-    let (mut cluster, client) = cluster(None).await;
+    let (mut cluster, client) = cluster(retry_policy(None)).await;
     let callers = Callers::start(&client);
     callers.wait_for_same_node_answers().await;
     let dir = cluster.dir.path().to_path_buf();

@@ -82,6 +82,8 @@ pub struct Metrics {
     pub fallthroughs: Family<TierLabels, Counter>,
     pub transparent_retries: Family<UpstreamLabels, Counter>,
     pub retries_throttled: Family<UpstreamLabels, Counter>,
+    pub hedges: Family<UpstreamLabels, Counter>,
+    pub hedges_won: Family<UpstreamLabels, Counter>,
     pub ejections: Family<UpstreamLabels, Counter>,
     pub ejected_endpoints: Family<UpstreamLabels, Gauge>,
     pub quic_connections_opened: Family<DirectionLabels, Counter>,
@@ -152,6 +154,18 @@ impl Metrics {
             "quic_connections_opened",
             "QUIC connections established",
             quic_connections_opened.clone(),
+        );
+        let hedges = Family::default();
+        registry.register(
+            "hedges",
+            "Hedged attempts sent (hedgingPolicy): attempts beyond a call's first",
+            hedges.clone(),
+        );
+        let hedges_won = Family::default();
+        registry.register(
+            "hedges_won",
+            "Calls answered by a hedged attempt rather than their first",
+            hedges_won.clone(),
         );
         let quic_connections_reset = Counter::default();
         registry.register(
@@ -231,6 +245,8 @@ impl Metrics {
             quic_connections_lost,
             quic_connections_reset,
             quic_dead_connections,
+            hedges,
+            hedges_won,
             call_duration,
             attempt_duration,
             inbound_calls,
@@ -281,6 +297,8 @@ impl Metrics {
             &self.transparent_retries,
             &self.retries_throttled,
             &self.ejections,
+            &self.hedges,
+            &self.hedges_won,
         ] {
             drop(family.get_or_create(&labels));
         }

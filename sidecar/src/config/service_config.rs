@@ -31,6 +31,7 @@ pub struct MethodConfig {
     names: Vec<MethodName>,
     pub timeout: Option<Duration>,
     pub retry: Option<RetryPolicy>,
+    pub hedging: Option<HedgingPolicy>,
     /// `waitForReady`: with no ready endpoint, the call waits (within its deadline) for one
     /// instead of failing or retrying at once.
     pub wait_for_ready: bool,
@@ -54,6 +55,22 @@ pub struct RetryPolicy {
     retryable: u32,
     /// An attempt without response headers by then is abandoned and the call moves on.
     pub per_attempt_recv_timeout: Option<Duration>,
+}
+
+/// A6 hedging: the call is sent again to another endpoint every `delay` while no attempt has
+/// response headers, up to `max_attempts` attempts; the first response headers win.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HedgingPolicy {
+    pub max_attempts: u32,
+    pub delay: Duration,
+    /// Bit `n` set when status code `n` lets the other attempts go on (and the next one start).
+    non_fatal: u32,
+}
+
+impl HedgingPolicy {
+    pub fn is_non_fatal(&self, code: Code) -> bool {
+        self.non_fatal & (1 << code as u32) != 0
+    }
 }
 
 /// A6 retry throttling, in thousandths of a token: gRPC keeps the token ratio to three decimal
@@ -259,6 +276,17 @@ fn parse_method_config(value: &Value, at: &str) -> Result<MethodConfig, PolicyEr
         None => None,
         Some(value) => Some(parse_retry(value, &format!("{at}.retryPolicy"))?),
     };
+    let hedging = match object.get("hedgingPolicy") {
+        None => None,
+        Some(_) if retry.is_some() => {
+            return Err(PolicyError {
+                field: format!("{at}.hedgingPolicy"),
+                message: "retryPolicy and hedgingPolicy are exclusive in one methodConfig (gRFC A6); keep one"
+                    .to_string(),
+            })
+        }
+        Some(value) => Some(parse_hedging(value, &format!("{at}.hedgingPolicy"))?),
+    };
     let wait_for_ready = match object.get("waitForReady") {
         None => false,
         Some(Value::Bool(flag)) => *flag,
@@ -274,6 +302,7 @@ fn parse_method_config(value: &Value, at: &str) -> Result<MethodConfig, PolicyEr
         names,
         timeout,
         retry,
+        hedging,
         wait_for_ready,
     })
 }
@@ -284,7 +313,7 @@ fn refuse_unsupported(
     object: &serde_json::Map<String, Value>,
     at: &str,
 ) -> Result<(), PolicyError> {
-    const UNSUPPORTED: [(&str, &str); 3] = [
+    const UNSUPPORTED: [(&str, &str); 2] = [
         (
             "maxRequestMessageBytes",
             "not enforced by the sidecar: message size limits belong to the app's gRPC library; remove this field",
@@ -292,10 +321,6 @@ fn refuse_unsupported(
         (
             "maxResponseMessageBytes",
             "not enforced by the sidecar: message size limits belong to the app's gRPC library; remove this field",
-        ),
-        (
-            "hedgingPolicy",
-            "hedging is not supported yet; use retryPolicy (with perAttemptRecvTimeout for slow pods)",
         ),
     ];
     for (key, why) in UNSUPPORTED {
@@ -393,6 +418,45 @@ fn parse_retry(value: &Value, at: &str) -> Result<RetryPolicy, PolicyError> {
         backoff_multiplier,
         retryable,
         per_attempt_recv_timeout,
+    })
+}
+
+fn parse_hedging(value: &Value, at: &str) -> Result<HedgingPolicy, PolicyError> {
+    let object = as_object(value, at)?;
+    reject_unknown(
+        object,
+        at,
+        &["maxAttempts", "hedgingDelay", "nonFatalStatusCodes"],
+    )?;
+    let attempts_value = field(object, at, "maxAttempts")?;
+    let max_attempts = number(attempts_value)
+        .filter(|n| n.fract() == 0.0 && *n > 1.0)
+        .ok_or_else(|| {
+            error(
+                &format!("{at}.maxAttempts"),
+                "expected an integer greater than 1",
+                attempts_value,
+            )
+        })?;
+    let delay = match object.get("hedgingDelay") {
+        None => Duration::ZERO,
+        Some(Value::String(text)) if text.trim() == "0s" => Duration::ZERO,
+        Some(value) => parse_duration(value, &format!("{at}.hedgingDelay"))?,
+    };
+    let mut non_fatal = 0u32;
+    if let Some(codes) = object.get("nonFatalStatusCodes") {
+        let codes_at = format!("{at}.nonFatalStatusCodes");
+        let list = codes
+            .as_array()
+            .ok_or_else(|| error(&codes_at, "expected a list of status codes", codes))?;
+        for (index, code) in list.iter().enumerate() {
+            non_fatal |= 1 << parse_status_code(code, &format!("{codes_at}[{index}]"))?;
+        }
+    }
+    Ok(HedgingPolicy {
+        max_attempts: (max_attempts as u32).min(MAX_ATTEMPTS_CAP),
+        delay,
+        non_fatal,
     })
 }
 
@@ -681,15 +745,37 @@ mod tests {
     }
 
     #[test]
+    fn hedging_policy_parses_and_excludes_retry() {
+        let config = json!({"methodConfig": [{"name": [{}], "hedgingPolicy":
+            {"maxAttempts": 9, "hedgingDelay": "0.05s", "nonFatalStatusCodes": ["UNAVAILABLE"]}}]});
+        let parsed = ServiceConfig::parse(&config, "s").unwrap();
+        let hedging = parsed.for_path("/a.A/M").unwrap().hedging.clone().unwrap();
+        assert_eq!(hedging.max_attempts, 5, "capped as maxAttempts always is");
+        assert_eq!(hedging.delay, Duration::from_millis(50));
+        assert!(hedging.is_non_fatal(Code::Unavailable));
+        assert!(!hedging.is_non_fatal(Code::Internal));
+        let config = json!({"methodConfig": [{"name": [{}], "hedgingPolicy": {"maxAttempts": 2}}]});
+        let parsed = ServiceConfig::parse(&config, "s").unwrap();
+        assert_eq!(
+            parsed
+                .for_path("/a.A/M")
+                .unwrap()
+                .hedging
+                .as_ref()
+                .unwrap()
+                .delay,
+            Duration::ZERO
+        );
+        let mut both = retry_config(good_policy());
+        both["methodConfig"][0]["hedgingPolicy"] = json!({"maxAttempts": 2});
+        assert!(parse_err(both).contains("exclusive"));
+    }
+
+    #[test]
     fn fields_the_sidecar_does_not_enforce_are_refused_by_name() {
         for (key, value, says) in [
             ("maxRequestMessageBytes", json!(1024), "not enforced"),
             ("maxResponseMessageBytes", json!(1024), "not enforced"),
-            (
-                "hedgingPolicy",
-                json!({"maxAttempts": 2}),
-                "hedging is not supported",
-            ),
         ] {
             let mut config = retry_config(good_policy());
             config["methodConfig"][0][key] = value;

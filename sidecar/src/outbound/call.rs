@@ -14,13 +14,15 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
+use crate::config::service_config::HedgingPolicy;
 use crate::endpoints::ranking::{RankedEndpoint, Ranking};
 use crate::metrics::{metrics, AttemptLabels, CallLabels};
 use crate::outbound::attempt::{
     attempt, AttemptOutcome, AttemptTarget, CallRecord, CallRequest, ResponseBody,
 };
 use crate::outbound::decide::{
-    decide, CallPolicy, CallState, Decision, Facts, Health, Next, Outcome,
+    after_hedged_attempt, decide, CallPolicy, CallState, Decision, Facts, Health, HedgeStep, Next,
+    Outcome,
 };
 use crate::outbound::replay::{RequestSource, PER_CALL_LIMIT};
 use crate::outbound::upstream::Upstream;
@@ -47,6 +49,7 @@ fn call_policy(upstream: &Upstream, path: &str, headers: &http::HeaderMap) -> Ca
     };
     CallPolicy {
         retry: method.and_then(|m| m.retry.clone()),
+        hedging: method.and_then(|m| m.hedging.clone()),
         throttling: live.service_config.throttling.clone(),
         wait_for_ready: method.is_some_and(|m| m.wait_for_ready),
         deadline,
@@ -84,6 +87,13 @@ pub async fn handle_call(
         tier,
     };
 
+    if let Some(hedging) = &policy.hedging {
+        return hedged_call(
+            &upstream, &call, &source, &policy, hedging, &labels, arrived,
+        )
+        .await;
+    }
+
     let mut state = CallState::default();
     let mut tried: Vec<SocketAddr> = Vec::new();
     let mut previous: Option<Arc<RankedEndpoint>> = None;
@@ -104,37 +114,20 @@ pub async fn handle_call(
                 if !tried.contains(&endpoint.endpoint.address) {
                     tried.push(endpoint.endpoint.address);
                 }
-                let started = Instant::now();
-                let (headers_by, per_attempt) = policy.attempt_deadline(started);
                 let may_move_on = ranking
                     .endpoints()
                     .any(|e| !tried.contains(&e.endpoint.address));
-                let target = AttemptTarget {
+                let step = AttemptStep {
                     upstream: &upstream,
-                    endpoint: endpoint.clone(),
-                    throttling: policy.throttling.clone(),
-                    headers_by,
-                    per_attempt,
-                    connect_patience: may_move_on.then_some(crate::wire::quic::CONNECT_PATIENCE),
+                    call: &call,
+                    source: &source,
+                    policy: &policy,
+                    labels: labels(endpoint.tier.as_str()),
                 };
-                let result = attempt(
-                    target,
-                    &call,
-                    source.clone(),
-                    state.counted_attempts,
-                    CallRecord {
-                        labels: labels(endpoint.tier.as_str()),
-                    },
-                )
-                .await;
-                upstream
-                    .metrics
-                    .attempt_duration(endpoint.tier)
-                    .observe(started.elapsed().as_secs_f64());
-                let tier = endpoint.tier.as_str();
-                count_attempt(&upstream.name, tier, result.status_label());
-                let (outcome, response) = classify(result);
-                (outcome, response, tier)
+                let (outcome, response) = step
+                    .run(endpoint.clone(), state.counted_attempts, may_move_on)
+                    .await;
+                (outcome, response, endpoint.tier.as_str())
             }
         };
         previous = picked.clone();
@@ -205,6 +198,164 @@ pub async fn handle_call(
     }
 }
 
+/// What one attempt needs besides its endpoint: the call and the policy it runs under.
+struct AttemptStep<'a> {
+    upstream: &'a Arc<Upstream>,
+    call: &'a CallRequest,
+    source: &'a Arc<RequestSource>,
+    policy: &'a CallPolicy,
+    labels: CallLabels,
+}
+
+impl AttemptStep<'_> {
+    /// Makes the attempt and records its metrics; `may_move_on` says the call has other
+    /// endpoints to go to, so it need not wait long for a connect in progress.
+    async fn run(
+        self,
+        endpoint: Arc<RankedEndpoint>,
+        previous_attempts: u32,
+        may_move_on: bool,
+    ) -> (Outcome, Option<Response<ResponseBody>>) {
+        let started = Instant::now();
+        let (headers_by, per_attempt) = self.policy.attempt_deadline(started);
+        let target = AttemptTarget {
+            upstream: self.upstream,
+            endpoint: endpoint.clone(),
+            throttling: self.policy.throttling.clone(),
+            headers_by,
+            per_attempt,
+            connect_patience: may_move_on.then_some(crate::wire::quic::CONNECT_PATIENCE),
+        };
+        let result = attempt(
+            target,
+            self.call,
+            self.source.clone(),
+            previous_attempts,
+            CallRecord {
+                labels: self.labels,
+            },
+        )
+        .await;
+        self.upstream
+            .metrics
+            .attempt_duration(endpoint.tier)
+            .observe(started.elapsed().as_secs_f64());
+        count_attempt(
+            &self.upstream.name,
+            endpoint.tier.as_str(),
+            result.status_label(),
+        );
+        classify(result)
+    }
+}
+
+/// One ended attempt of a hedged call, with where it went.
+type Hedged = (Arc<RankedEndpoint>, Outcome, Option<Response<ResponseBody>>);
+
+/// A call under a hedging policy (gRFC A6): the first attempt goes out at once, another to an
+/// endpoint not tried yet (the ranking puts other nodes next) after every `hedgingDelay` without
+/// response headers, or at once after a non-fatal status; the first response headers win and
+/// the attempts still running are cancelled by being dropped.
+async fn hedged_call(
+    upstream: &Arc<Upstream>,
+    call: &CallRequest,
+    source: &Arc<RequestSource>,
+    policy: &CallPolicy,
+    hedging: &HedgingPolicy,
+    labels: &(dyn Fn(&'static str) -> CallLabels + Sync),
+    arrived: Instant,
+) -> Response<ResponseBody> {
+    use futures::stream::{FuturesUnordered, StreamExt};
+    let outlier = upstream.policy.borrow().outlier.clone();
+    let ranking = upstream.ranking.borrow().clone();
+    let mut running: FuturesUnordered<futures::future::BoxFuture<'_, Hedged>> =
+        FuturesUnordered::new();
+    let mut tried: Vec<SocketAddr> = Vec::new();
+    let mut first: Option<SocketAddr> = None;
+    let mut sent = 0u32;
+    let mut last: Option<(Outcome, Option<Response<ResponseBody>>, &'static str)> = None;
+    let mut next_hedge = Instant::now();
+    loop {
+        // Throttling and the replay buffer decide whether another attempt may go out at all.
+        let throttle_allows = policy
+            .throttling
+            .as_ref()
+            .is_none_or(|throttling| upstream.throttle.allows_retry(throttling));
+        let candidate = ranking.pick(&tried);
+        let can_send = candidate.is_some() && throttle_allows && source.not_closed();
+        let timer_due = sent < hedging.max_attempts && can_send;
+        tokio::select! {
+            ended = running.next(), if !running.is_empty() => {
+                let Some((endpoint, outcome, response)) = ended else { continue };
+                let decision_health = crate::outbound::decide::health_of(outcome);
+                apply_health(upstream, &ranking, &endpoint, decision_health, &outlier);
+                if let Some(throttling) = &policy.throttling {
+                    let (code, _) = crate::outbound::decide::hedged_status(outcome);
+                    if code == Code::Ok {
+                        upstream.throttle.record_success(throttling);
+                    } else if outcome != Outcome::Committed && hedging.is_non_fatal(code) {
+                        upstream.throttle.record_failure(throttling);
+                    }
+                }
+                let tier = endpoint.tier.as_str();
+                if outcome == Outcome::Committed {
+                    if first != Some(endpoint.endpoint.address) {
+                        upstream.metrics.hedges_won.inc();
+                    }
+                    return respond(upstream, &labels(tier), arrived, response, outcome);
+                }
+                let step = after_hedged_attempt(hedging, outcome, sent, running.len(), can_send);
+                last = Some((outcome, response, tier));
+                match step {
+                    HedgeStep::Respond => break,
+                    HedgeStep::Wait => {}
+                    HedgeStep::SendAnother => next_hedge = Instant::now(),
+                }
+            }
+            _ = tokio::time::sleep_until(next_hedge), if timer_due => {
+                let Some(endpoint) = candidate else { continue };
+                tried.push(endpoint.endpoint.address);
+                first.get_or_insert(endpoint.endpoint.address);
+                if sent > 0 {
+                    upstream.metrics.hedges.inc();
+                }
+                let may_move_on = ranking.endpoints().any(|e| !tried.contains(&e.endpoint.address));
+                let step = AttemptStep {
+                    upstream,
+                    call,
+                    source,
+                    policy,
+                    labels: labels(endpoint.tier.as_str()),
+                };
+                let previous_attempts = sent;
+                running.push(Box::pin(async move {
+                    let (outcome, response) =
+                        step.run(endpoint.clone(), previous_attempts, may_move_on).await;
+                    (endpoint, outcome, response)
+                }));
+                sent += 1;
+                next_hedge = Instant::now() + hedging.delay;
+            }
+            else => break,
+        }
+    }
+    match last {
+        Some((outcome, response, tier)) => {
+            respond(upstream, &labels(tier), arrived, response, outcome)
+        }
+        None => {
+            let message = format!("upstream {}: no ready endpoint", upstream.name);
+            respond(
+                upstream,
+                &labels("none"),
+                arrived,
+                Some(failure_response(Code::Unavailable, &message)),
+                Outcome::NoEndpoint,
+            )
+        }
+    }
+}
+
 /// Splits an attempt's result into what the decision needs and the response the app gets if
 /// this attempt's result is the answer.
 fn classify(result: AttemptOutcome) -> (Outcome, Option<Response<ResponseBody>>) {
@@ -265,7 +416,17 @@ fn record_health(
     decision: &Decision,
     outlier: &crate::config::OutlierDetection,
 ) {
-    match decision.health {
+    apply_health(upstream, ranking, endpoint, decision.health, outlier);
+}
+
+fn apply_health(
+    upstream: &Upstream,
+    ranking: &Ranking,
+    endpoint: &RankedEndpoint,
+    health: Health,
+    outlier: &crate::config::OutlierDetection,
+) {
+    match health {
         Health::Answered => endpoint.load.record_success(),
         Health::Failed => {
             if ranking.record_failure(endpoint, outlier) {

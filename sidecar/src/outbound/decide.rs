@@ -11,7 +11,7 @@ use std::time::Duration;
 use http::HeaderValue;
 use tokio::time::Instant;
 
-use crate::config::service_config::{RetryPolicy, ThrottlingPolicy};
+use crate::config::service_config::{HedgingPolicy, RetryPolicy, ThrottlingPolicy};
 use crate::outbound::upstream::RetryThrottle;
 use crate::wire::grpc::Code;
 
@@ -106,6 +106,8 @@ pub struct Decision {
 #[derive(Debug, Clone, Default)]
 pub struct CallPolicy {
     pub retry: Option<RetryPolicy>,
+    /// Exclusive with `retry` (validation sees to it).
+    pub hedging: Option<HedgingPolicy>,
     pub throttling: Option<ThrottlingPolicy>,
     pub wait_for_ready: bool,
     /// The earlier of the app's `grpc-timeout` and the method config's `timeout`.
@@ -163,73 +165,49 @@ pub fn decide(
     outcome: Outcome,
     facts: Facts<'_>,
 ) -> Decision {
+    let health = health_of(outcome);
     let respond = |health| Decision {
         next: Next::Respond,
         health,
         throttled: false,
     };
-    let (code, pushback, health, always_retryable) = match outcome {
-        Outcome::Committed => {
-            // A6's success token is given when the call ends OK, not at its headers.
-            return respond(Health::Answered);
-        }
-        Outcome::DeadlineExceeded => return respond(Health::Failed),
+    let (code, pushback, always_retryable) = match outcome {
+        // A6's success token is given when the call ends OK, not at its headers.
+        Outcome::Committed | Outcome::DeadlineExceeded => return respond(health),
         Outcome::NoEndpoint if policy.wait_for_ready => {
             return Decision {
                 next: Next::WaitForEndpoints,
-                health: Health::Unknown,
+                health,
                 throttled: false,
             }
         }
-        Outcome::NoEndpoint => (Code::Unavailable, Pushback::None, Health::Unknown, false),
-        Outcome::NotSent { fresh } => {
-            let health = if fresh {
-                Health::Failed
-            } else {
-                Health::Unknown
-            };
+        Outcome::NotSent { .. }
             if facts.untried_remains
                 && facts.replayable
-                && state.transparent_retries < MAX_TRANSPARENT_RETRIES
-            {
-                state.transparent_retries += 1;
-                return Decision {
-                    next: Next::RetryNow,
-                    health,
-                    throttled: false,
-                };
-            }
-            (Code::Unavailable, Pushback::None, health, false)
-        }
-        Outcome::LinkLost { fresh } => {
-            let health = if fresh {
-                Health::Failed
-            } else {
-                Health::Unknown
+                && state.transparent_retries < MAX_TRANSPARENT_RETRIES =>
+        {
+            state.transparent_retries += 1;
+            return Decision {
+                next: Next::RetryNow,
+                health,
+                throttled: false,
             };
-            (Code::Unavailable, Pushback::None, health, false)
         }
-        Outcome::RefusedByPeer => {
-            if !state.refused_retry_used && facts.replayable {
-                state.refused_retry_used = true;
-                return Decision {
-                    next: Next::RetryNow,
-                    health: Health::Failed,
-                    throttled: false,
-                };
-            }
-            (Code::Unavailable, Pushback::None, Health::Failed, false)
+        Outcome::RefusedByPeer if !state.refused_retry_used && facts.replayable => {
+            state.refused_retry_used = true;
+            return Decision {
+                next: Next::RetryNow,
+                health,
+                throttled: false,
+            };
         }
         // The attempt moves on whatever the retryable codes say: that is what the setting asks.
-        Outcome::AttemptTimedOut => (Code::Unavailable, Pushback::None, Health::Failed, true),
-        Outcome::Status { code, pushback } => {
-            let health = if code == Code::Unavailable {
-                Health::Failed
-            } else {
-                Health::Answered
-            };
-            (code, pushback, health, false)
-        }
+        Outcome::AttemptTimedOut => (Code::Unavailable, Pushback::None, true),
+        Outcome::Status { code, pushback } => (code, pushback, false),
+        Outcome::NoEndpoint
+        | Outcome::NotSent { .. }
+        | Outcome::RefusedByPeer
+        | Outcome::LinkLost { .. } => (Code::Unavailable, Pushback::None, false),
     };
 
     // Under the retry policy from here: the attempt counts.
@@ -285,6 +263,83 @@ pub fn decide(
         next: Next::RetryAfter(delay),
         health,
         throttled: false,
+    }
+}
+
+/// What an attempt says about its endpoint, as [`decide`] judges it: a failure when the link or
+/// the endpoint failed (once per failure), an answer when the app answered.
+pub fn health_of(outcome: Outcome) -> Health {
+    let charged = |fresh: bool| {
+        if fresh {
+            Health::Failed
+        } else {
+            Health::Unknown
+        }
+    };
+    match outcome {
+        Outcome::Committed => Health::Answered,
+        Outcome::Status {
+            code: Code::Unavailable,
+            ..
+        } => Health::Failed,
+        Outcome::Status { .. } => Health::Answered,
+        Outcome::NoEndpoint => Health::Unknown,
+        Outcome::NotSent { fresh } | Outcome::LinkLost { fresh } => charged(fresh),
+        Outcome::RefusedByPeer | Outcome::AttemptTimedOut | Outcome::DeadlineExceeded => {
+            Health::Failed
+        }
+    }
+}
+
+/// What a hedged call does after one of its attempts ended without response headers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HedgeStep {
+    /// Answer the app with this attempt's result; the other attempts are cancelled.
+    Respond,
+    /// Let the other attempts (or the next hedging delay) go on.
+    Wait,
+    /// Send the next hedged attempt now (A6: a non-fatal status does not wait for the delay).
+    SendAnother,
+}
+
+/// The status a hedged attempt's outcome stands for: the app's or the sidecar's own.
+pub fn hedged_status(outcome: Outcome) -> (Code, Pushback) {
+    match outcome {
+        Outcome::Status { code, pushback } => (code, pushback),
+        Outcome::DeadlineExceeded => (Code::DeadlineExceeded, Pushback::None),
+        Outcome::Committed => (Code::Ok, Pushback::None),
+        // Never reached an app, or the link or the attempt's time ran out: UNAVAILABLE.
+        Outcome::NoEndpoint
+        | Outcome::NotSent { .. }
+        | Outcome::RefusedByPeer
+        | Outcome::LinkLost { .. }
+        | Outcome::AttemptTimedOut => (Code::Unavailable, Pushback::None),
+    }
+}
+
+/// A6's rules for one ended hedged attempt. `sent` attempts were started, `running` of them
+/// are still going; `can_send` says an endpoint is left, the request can be replayed and the
+/// upstream's throttle allows more. A fatal status (anything not in `nonFatalStatusCodes`)
+/// is the answer; requests that never reached an app count as non-fatal, as A6's transparent
+/// retries would have it.
+pub fn after_hedged_attempt(
+    policy: &HedgingPolicy,
+    outcome: Outcome,
+    sent: u32,
+    running: usize,
+    can_send: bool,
+) -> HedgeStep {
+    let (code, pushback) = hedged_status(outcome);
+    let transport = !matches!(outcome, Outcome::Status { .. });
+    let fatal = !(transport || policy.is_non_fatal(code));
+    if outcome == Outcome::DeadlineExceeded || fatal {
+        return HedgeStep::Respond;
+    }
+    let more = sent < policy.max_attempts && can_send && pushback != Pushback::DoNotRetry;
+    match (more, running) {
+        (true, _) => HedgeStep::SendAnother,
+        (false, 0) => HedgeStep::Respond,
+        (false, _) => HedgeStep::Wait,
     }
 }
 
@@ -696,5 +751,97 @@ mod tests {
         );
         let plain = CallPolicy::default();
         assert_eq!(plain.attempt_deadline(now), (None, false));
+    }
+
+    fn hedging(non_fatal: &[&str]) -> HedgingPolicy {
+        let config = json!({"methodConfig": [{"name": [{}], "hedgingPolicy":
+            {"maxAttempts": 3, "hedgingDelay": "0.05s", "nonFatalStatusCodes": non_fatal}}]});
+        ServiceConfig::parse(&config, "t")
+            .unwrap()
+            .for_path("/a.A/M")
+            .unwrap()
+            .hedging
+            .clone()
+            .unwrap()
+    }
+
+    #[test]
+    fn a_fatal_status_ends_a_hedged_call_at_once() {
+        let policy = hedging(&["UNAVAILABLE"]);
+        for code in [Code::Ok, Code::InvalidArgument, Code::Internal] {
+            assert_eq!(
+                after_hedged_attempt(&policy, status(code), 1, 2, true),
+                HedgeStep::Respond,
+                "{code}"
+            );
+        }
+        assert_eq!(
+            after_hedged_attempt(&policy, Outcome::DeadlineExceeded, 1, 1, true),
+            HedgeStep::Respond
+        );
+    }
+
+    #[test]
+    fn a_non_fatal_status_sends_the_next_hedge_at_once_while_attempts_remain() {
+        let policy = hedging(&["UNAVAILABLE"]);
+        let unavailable = status(Code::Unavailable);
+        assert_eq!(
+            after_hedged_attempt(&policy, unavailable, 1, 0, true),
+            HedgeStep::SendAnother
+        );
+        assert_eq!(
+            after_hedged_attempt(&policy, unavailable, 3, 1, true),
+            HedgeStep::Wait,
+            "maxAttempts sent: wait for the one still running"
+        );
+        assert_eq!(
+            after_hedged_attempt(&policy, unavailable, 3, 0, true),
+            HedgeStep::Respond,
+            "nothing left running or to send: answer"
+        );
+        assert_eq!(
+            after_hedged_attempt(&policy, unavailable, 1, 1, false),
+            HedgeStep::Wait,
+            "throttled or nowhere to send: no new hedge"
+        );
+    }
+
+    #[test]
+    fn do_not_retry_pushback_stops_new_hedges() {
+        let policy = hedging(&["UNAVAILABLE"]);
+        let refused = Outcome::Status {
+            code: Code::Unavailable,
+            pushback: Pushback::DoNotRetry,
+        };
+        assert_eq!(
+            after_hedged_attempt(&policy, refused, 1, 1, true),
+            HedgeStep::Wait
+        );
+        assert_eq!(
+            after_hedged_attempt(&policy, refused, 1, 0, true),
+            HedgeStep::Respond
+        );
+    }
+
+    #[test]
+    fn requests_that_never_reached_an_app_are_non_fatal_for_hedging() {
+        let policy = hedging(&[]);
+        for outcome in [
+            Outcome::NotSent { fresh: true },
+            Outcome::RefusedByPeer,
+            Outcome::LinkLost { fresh: true },
+            Outcome::AttemptTimedOut,
+        ] {
+            assert_eq!(
+                after_hedged_attempt(&policy, outcome, 1, 0, true),
+                HedgeStep::SendAnother,
+                "{outcome:?}"
+            );
+        }
+        assert_eq!(
+            after_hedged_attempt(&policy, status(Code::Unavailable), 1, 1, true),
+            HedgeStep::Respond,
+            "UNAVAILABLE from the app is fatal unless listed"
+        );
     }
 }

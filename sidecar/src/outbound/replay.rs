@@ -157,6 +157,12 @@ impl RequestSource {
         self.kept().close();
     }
 
+    /// Whether the request could still be sent whole to another attempt, as far as known
+    /// without waiting for the attempt sending now (hedging asks while attempts run).
+    pub fn not_closed(&self) -> bool {
+        !self.kept().closed
+    }
+
     /// Bytes kept for replay right now.
     pub fn kept_bytes(&self) -> usize {
         self.kept().bytes

@@ -38,6 +38,8 @@ pub struct UpstreamMetrics {
     pub transparent_retries: Counter,
     pub retries_throttled: Counter,
     pub ejections: Counter,
+    pub hedges: Counter,
+    pub hedges_won: Counter,
     pub call_duration: Histogram,
     /// By tier: `[node, zone, any]`.
     fallthroughs: [Counter; 3],
@@ -68,6 +70,8 @@ impl UpstreamMetrics {
             transparent_retries: all.transparent_retries.get_or_create(&labels).clone(),
             retries_throttled: all.retries_throttled.get_or_create(&labels).clone(),
             ejections: all.ejections.get_or_create(&labels).clone(),
+            hedges: all.hedges.get_or_create(&labels).clone(),
+            hedges_won: all.hedges_won.get_or_create(&labels).clone(),
             call_duration: all.call_duration.get_or_create(&labels).clone(),
             fallthroughs: tiers.map(|tier| all.fallthroughs.get_or_create(&by_tier(tier)).clone()),
             attempt_duration: tiers

@@ -788,3 +788,14 @@ impl Pipeline {
         echo_client(self.app_addr).await
     }
 }
+
+/// The sum of a `/metrics` text's samples of `name` whose line contains every one of `filters`.
+pub fn metric_sum(metrics: &str, name: &str, filters: &[&str]) -> f64 {
+    metrics
+        .lines()
+        .filter(|line| line.starts_with(name) && !line.starts_with('#'))
+        .filter(|line| line[name.len()..].starts_with(['{', ' ']))
+        .filter(|line| filters.iter().all(|f| line.contains(f)))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}

@@ -5,21 +5,10 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use integration::harness::{http_get, within, Pipeline, Sidecar, SERVER_NAME};
+use integration::harness::{http_get, metric_sum, within, Pipeline, Sidecar, SERVER_NAME};
 use integration::pb::EchoRequest;
 
 const LIMIT: Duration = Duration::from_secs(30);
-
-/// The sum of a metric's samples whose line contains every one of `filters`.
-fn metric_sum(metrics: &str, name: &str, filters: &[&str]) -> f64 {
-    metrics
-        .lines()
-        .filter(|line| line.starts_with(name) && !line.starts_with('#'))
-        .filter(|line| line[name.len()..].starts_with(['{', ' ']))
-        .filter(|line| filters.iter().all(|f| line.contains(f)))
-        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
 
 async fn metrics(sidecar: &Sidecar) -> String {
     let (status, body) = http_get(sidecar.admin_addr(), "/metrics")

@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use integration::cluster::{answers_by_pod, Cluster, ClusterSpec, Load, CONFIGMAP, NAMESPACE};
-use integration::harness::{echo_client, within};
+use integration::harness::{echo_client, metric_sum, within};
 use integration::pb::{EchoReply, EchoRequest};
 use serde_json::json;
 
@@ -40,17 +40,6 @@ fn app_calls(cluster: &Cluster) -> u64 {
         .iter()
         .filter_map(|pod| pod.app.as_ref())
         .map(|app| app.state().calls_started())
-        .sum()
-}
-
-/// The sum of a metric's samples whose line contains every one of `filters`.
-fn metric_sum(metrics: &str, name: &str, filters: &[&str]) -> f64 {
-    metrics
-        .lines()
-        .filter(|line| line.starts_with(name) && !line.starts_with('#'))
-        .filter(|line| line[name.len()..].starts_with(['{', ' ']))
-        .filter(|line| filters.iter().all(|f| line.contains(f)))
-        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
 

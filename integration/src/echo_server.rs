@@ -67,6 +67,10 @@ pub struct EchoState {
     calls_started: AtomicU64,
     calls_cancelled: AtomicU64,
     stream_bytes: AtomicU64,
+    /// Unary calls served at a time, the rest queue (a pod of limited capacity); none: unlimited.
+    capacity: std::sync::Mutex<Option<Arc<tokio::sync::Semaphore>>>,
+    /// Extra service time added to every unary call, settable while serving (a pod gone slow).
+    slowdown_ms: AtomicU64,
 }
 
 impl EchoState {
@@ -85,6 +89,36 @@ impl EchoState {
     /// the HTTP/2 layer asks for more data, so this measures how far backpressure let it run.
     pub fn stream_bytes(&self) -> u64 {
         self.stream_bytes.load(Ordering::SeqCst)
+    }
+
+    /// Serves at most `calls` unary calls at a time (the others wait their turn, as on a pod
+    /// with a fixed worker pool); `None` lifts the limit. Applies to calls arriving from now on.
+    pub fn limit_capacity(&self, calls: Option<usize>) {
+        let semaphore = calls.map(|calls| Arc::new(tokio::sync::Semaphore::new(calls)));
+        *self.capacity.lock().unwrap_or_else(|poison| poison.into_inner()) = semaphore;
+    }
+
+    /// Adds `ms` of service time to every unary call from now on (0: back to normal).
+    pub fn slow_down(&self, ms: u64) {
+        self.slowdown_ms.store(ms, Ordering::SeqCst);
+    }
+
+    /// Holds a capacity slot (if limited) for the call's whole service time.
+    async fn serve_unary_time(&self, delay_ms: u32) {
+        let semaphore = self
+            .capacity
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+            .clone();
+        let _slot = match &semaphore {
+            Some(semaphore) => semaphore.acquire().await.ok(),
+            None => None,
+        };
+        let extra = self.slowdown_ms.load(Ordering::SeqCst);
+        let total = u64::from(delay_ms).saturating_add(extra);
+        if total > 0 {
+            tokio::time::sleep(Duration::from_millis(total)).await;
+        }
     }
 
     /// Waits until at least `count` calls were cancelled; false if `timeout` passed first.
@@ -198,7 +232,7 @@ impl Echo for EchoService {
         let attempts = received_previous_attempts(request.metadata());
         let headers_first = request.extensions().get::<HeadersFirst>().cloned();
         let req = request.into_inner();
-        delay(req.delay_ms).await;
+        self.state.serve_unary_time(req.delay_ms).await;
         if let Some(status) = requested_status(&req, &self.name) {
             return Err(fail(status, req.trailers_only, headers_first.as_ref()));
         }

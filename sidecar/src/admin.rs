@@ -1,5 +1,9 @@
 //! The admin listener: `/live` (the process is serving) and `/ready` (listeners bound and every
-//! upstream's endpoint source has delivered its first full view), for Kubernetes probes.
+//! upstream's endpoint source has delivered its first full view), for Kubernetes probes;
+//! `/endpoints` and `/metrics` for tools; and `/`, a self-contained status page for people (it
+//! polls `/status.json`), because a live view should not need Prometheus and Grafana.
+
+mod status;
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -11,11 +15,16 @@ use http_body_util::Full;
 
 use crate::endpoints::ranking::RankingWatch;
 
+/// The status page: one file with its styles and script inline, so it works offline.
+const STATUS_PAGE: &str = include_str!("status_page.html");
+
 /// What the admin endpoints report on.
 pub struct AdminState {
     pub started: AtomicBool,
     pub draining: AtomicBool,
     pub upstreams: Vec<(Arc<str>, RankingWatch)>,
+    /// The live policy in force, for the status page's config version.
+    pub policy: crate::config::live::PolicyWatch,
 }
 
 impl AdminState {
@@ -55,6 +64,24 @@ async fn route(
         ));
     }
     Ok(match request.uri().path() {
+        "/" => {
+            let mut response = text(StatusCode::OK, STATUS_PAGE.to_string());
+            response.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("text/html; charset=utf-8"),
+            );
+            response
+        }
+        "/status.json" => {
+            refresh_gauges(&state);
+            let mut response = json(StatusCode::OK, status_view(&state));
+            // Always current: the page polls it.
+            response.headers_mut().insert(
+                http::header::CACHE_CONTROL,
+                http::HeaderValue::from_static("no-store"),
+            );
+            response
+        }
         "/live" => text(StatusCode::OK, "live\n".to_string()),
         "/endpoints" if request.uri().query() == Some("summary") => {
             json(StatusCode::OK, endpoints_summary(&state))
@@ -62,11 +89,19 @@ async fn route(
         "/endpoints" => json(StatusCode::OK, endpoints_view(&state)),
         "/metrics" => {
             refresh_gauges(&state);
-            let mut response = text(StatusCode::OK, crate::metrics::metrics().encode());
-            response.headers_mut().insert(
+            let accept = request
+                .headers()
+                .get(http::header::ACCEPT)
+                .and_then(|value| value.to_str().ok());
+            let format = crate::metrics::negotiate(accept);
+            let mut response = text(StatusCode::OK, crate::metrics::metrics().render(format));
+            let headers = response.headers_mut();
+            headers.insert(
                 http::header::CONTENT_TYPE,
-                http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                http::HeaderValue::from_static(format.content_type()),
             );
+            // Caches between scraper and sidecar must not hand one format to the other.
+            headers.insert(http::header::VARY, http::HeaderValue::from_static("accept"));
             response
         }
         "/ready" => match state.not_ready_reason() {
@@ -78,7 +113,8 @@ async fn route(
         },
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found; try /live or /ready\n".to_string(),
+            "not found; try / (status page), /live, /ready, /endpoints, /metrics or /status.json\n"
+                .to_string(),
         ),
     })
 }
@@ -156,6 +192,37 @@ fn endpoints_view(state: &AdminState) -> serde_json::Value {
         })
         .collect();
     serde_json::json!({ "upstreams": upstreams })
+}
+
+/// What the status page shows: per upstream the `/endpoints` snapshot (all of its fields) with
+/// call statistics under `stats`, the config in force, certificate expiry, and the process's
+/// other series.
+fn status_view(state: &AdminState) -> serde_json::Value {
+    let samples = status::parse_samples(&crate::metrics::metrics().encode());
+    let mut view = endpoints_view(state);
+    if let Some(upstreams) = view["upstreams"].as_array_mut() {
+        for upstream in upstreams {
+            let name = String::from(upstream["upstream"].as_str().unwrap_or_default());
+            upstream["stats"] = status::upstream_stats(&samples, &name);
+        }
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|since| since.as_secs_f64())
+        .unwrap_or_default();
+    let policy = state.policy.borrow().clone();
+    view["sidecar"] = serde_json::json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "pod": std::env::var("POD_NAME").ok(),
+        "namespace": std::env::var("POD_NAMESPACE").ok(),
+        "node": std::env::var("NODE_NAME").ok(),
+        "notReadyReason": state.not_ready_reason(),
+        "nowUnix": now,
+    });
+    view["config"] = status::config(&samples, &policy);
+    view["certificates"] = status::certificates(&samples, now).into();
+    view["process"] = serde_json::json!(status::series(&samples, None));
+    view
 }
 
 fn json(status: StatusCode, value: serde_json::Value) -> Response<Full<Bytes>> {

@@ -5,6 +5,10 @@
 //! in names (`_seconds`), and label values drawn from small fixed sets (status names, tiers) or
 //! from configuration (upstream names); method names are capped (see [`method_label`]).
 
+mod exposition;
+
+pub use exposition::{negotiate, Format};
+
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -259,12 +263,20 @@ impl Metrics {
         }
     }
 
-    /// The text exposition format.
+    /// The OpenMetrics text exposition (what `prometheus-client` renders).
     pub fn encode(&self) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+
+    /// The exposition in `format` (see [`negotiate`] for choosing one from a scrape's `Accept`).
+    pub fn render(&self, format: Format) -> String {
+        match format {
+            Format::OpenMetrics => self.encode(),
+            Format::Classic => exposition::to_classic(&self.encode()),
+        }
     }
 
     /// The `method` label for a call path: the path itself while the number of distinct methods

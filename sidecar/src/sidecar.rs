@@ -475,6 +475,7 @@ fn serve(
             .iter()
             .map(|upstream| (upstream.name.clone(), upstream.ranking.clone()))
             .collect(),
+        policy: built.policy.subscribe(),
     });
     let task = crate::admin::serve(sockets.admin, admin.clone());
     background.push(("admin listener", tokio::spawn(task)));

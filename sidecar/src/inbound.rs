@@ -6,8 +6,16 @@
 //! app's GOAWAY while it restarts) is reset with H3_REQUEST_REJECTED, so the caller's sidecar
 //! retries it elsewhere without the caller noticing. On shutdown the listener refuses new
 //! connections, sends HTTP/3 GOAWAY on the open ones and lets their calls finish, bounded.
+//!
+//! Authorization and hostile peers ([`Guard`]): a caller's identity is the SPIFFE ID its
+//! certificate carries; with `inbound.allow` only listed identities reach the app, others get
+//! PERMISSION_DENIED. The app learns the verified caller from [`PEER_IDENTITY_HEADER`] (a copy
+//! the caller sent is dropped). What one peer can make us hold is bounded: connections per peer
+//! address, request streams per connection, header bytes before a request's headers are complete
+//! (per stream and per connection, see [`crate::wire::h3_guard`]) and the time to send them.
 
-use std::net::SocketAddr;
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -21,19 +29,111 @@ use tokio::sync::{oneshot, watch};
 use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::Instant;
 
-use crate::metrics::{metrics, DirectionLabels, StatusLabels};
+use crate::config::InboundLimits;
+use crate::metrics::{metrics, DirectionLabels, LimitLabels, StatusLabels};
 use crate::wire::body::{
     pump_body, pump_into_h2, start_pump, H2RecvBody, H3RecvBody, H3Send, PumpEnd,
 };
 use crate::wire::grpc::strip_hop_by_hop;
 use crate::wire::grpc::{self, Code};
+use crate::wire::h3_guard::{GuardedConnection, GuardedRecv, HeaderBudget};
 
-type PeerRecv = h3::server::RequestStream<h3_quinn::RecvStream, Bytes>;
+type PeerRecv = h3::server::RequestStream<GuardedRecv, Bytes>;
 type PeerSend = h3::server::RequestStream<h3_quinn::SendStream<Bytes>, Bytes>;
 type AppSender = h2::client::SendRequest<Bytes>;
 
 /// HTTP/3's "no error" code (RFC 9114): a deliberate, clean close.
 const H3_NO_ERROR: u32 = 0x100;
+/// The request header that tells the app who called: the caller's verified SPIFFE ID. Absent
+/// when the caller's certificate carries none. A copy sent by the caller is always removed.
+pub const PEER_IDENTITY_HEADER: &str = "x-locality-sidecar-peer-identity";
+
+/// Who may call, and how much one peer may make us hold.
+pub struct Guard {
+    /// `inbound.allow`; `None` admits any peer of the CA.
+    allow: Option<HashSet<String>>,
+    limits: InboundLimits,
+    /// Open connections per peer address.
+    connections: Mutex<HashMap<IpAddr, u32>>,
+    /// Set while connections are being refused, so a flood is logged once.
+    refusing: AtomicBool,
+}
+
+/// Whether a caller may call, and if not, what it is told.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Allowed,
+    Denied(String),
+}
+
+impl Guard {
+    pub fn new(allow: Option<&[String]>, limits: &InboundLimits) -> Guard {
+        Guard {
+            allow: allow.map(|list| list.iter().cloned().collect()),
+            limits: limits.clone(),
+            connections: Mutex::new(HashMap::new()),
+            refusing: AtomicBool::new(false),
+        }
+    }
+
+    /// Decides on a caller by the identity its certificate carries.
+    pub fn authorize(&self, identity: Option<&str>) -> Verdict {
+        match (&self.allow, identity) {
+            (None, _) => Verdict::Allowed,
+            (Some(allow), Some(identity)) if allow.contains(identity) => Verdict::Allowed,
+            (Some(_), identity) => Verdict::Denied(format!(
+                "caller identity {} is not allowed by inbound.allow",
+                identity.unwrap_or("(none: its certificate carries no SPIFFE ID)")
+            )),
+        }
+    }
+
+    /// Admits one more connection from `peer`, or `None` when it has the most allowed.
+    fn admit(self: &Arc<Self>, peer: IpAddr) -> Option<PeerConnection> {
+        let mut connections = self
+            .connections
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let open = connections.entry(peer).or_insert(0);
+        if *open >= self.limits.max_connections_per_peer {
+            return None;
+        }
+        *open += 1;
+        Some(PeerConnection {
+            guard: self.clone(),
+            peer,
+        })
+    }
+}
+
+/// One admitted peer connection; leaving gives its place back.
+struct PeerConnection {
+    guard: Arc<Guard>,
+    peer: IpAddr,
+}
+
+impl Drop for PeerConnection {
+    fn drop(&mut self) {
+        let mut connections = self
+            .guard
+            .connections
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(open) = connections.get_mut(&self.peer) {
+            *open = open.saturating_sub(1);
+            if *open == 0 {
+                connections.remove(&self.peer);
+            }
+        }
+    }
+}
+
+fn count_limited(limit: &'static str) {
+    metrics()
+        .inbound_limited
+        .get_or_create(&LimitLabels { limit })
+        .inc();
+}
 /// The longest a draining connection stays open after its GOAWAY for requests the peer sent
 /// before the GOAWAY reached it (see [`serve_connection`]); normally two round trips.
 const MAX_SETTLE: Duration = Duration::from_secs(1);
@@ -243,6 +343,7 @@ impl AppClient {
 pub async fn serve(
     endpoint: quinn::Endpoint,
     app: Arc<AppClient>,
+    guard: Arc<Guard>,
     mut shutdown: watch::Receiver<bool>,
     drain: Duration,
 ) {
@@ -252,7 +353,20 @@ pub async fn serve(
         tokio::select! {
             incoming = endpoint.accept() => match incoming {
                 Some(incoming) => {
-                    peers.spawn(serve_peer(incoming, app.clone(), stop.clone()));
+                    let remote = incoming.remote_address();
+                    match guard.admit(remote.ip()) {
+                        Some(admitted) => {
+                            guard.refusing.store(false, Ordering::Release);
+                            peers.spawn(serve_peer(incoming, app.clone(), guard.clone(), admitted, stop.clone()));
+                        }
+                        None => {
+                            count_limited("connections_per_peer");
+                            if !guard.refusing.swap(true, Ordering::AcqRel) {
+                                tracing::warn!(%remote, limit = guard.limits.max_connections_per_peer, "peer has too many connections open; refusing more (inbound.limits.maxConnectionsPerPeer)");
+                            }
+                            incoming.refuse();
+                        }
+                    }
                 }
                 None => return,
             },
@@ -301,6 +415,8 @@ fn report_panic(ended: Result<(), tokio::task::JoinError>) {
 async fn serve_peer(
     incoming: quinn::Incoming,
     app: Arc<AppClient>,
+    guard: Arc<Guard>,
+    admitted: PeerConnection,
     shutdown: watch::Receiver<bool>,
 ) {
     let remote = incoming.remote_address();
@@ -320,7 +436,9 @@ async fn serve_peer(
         .get_or_create(&direction)
         .inc();
     let watched = connection.clone();
-    serve_connection(connection, app, shutdown).await;
+    let identity = crate::wire::quic::peer_identity(&connection).map(Arc::<str>::from);
+    serve_connection(connection, app, guard, identity, shutdown).await;
+    drop(admitted);
     if let Some(reason) = watched.close_reason() {
         let clean = matches!(&reason, quinn::ConnectionError::ApplicationClosed(close) if close.error_code.into_inner() == u64::from(H3_NO_ERROR) || close.error_code.into_inner() == 0)
             || matches!(reason, quinn::ConnectionError::LocallyClosed);
@@ -338,12 +456,21 @@ async fn serve_peer(
 async fn serve_connection(
     connection: quinn::Connection,
     app: Arc<AppClient>,
+    guard: Arc<Guard>,
+    identity: Option<Arc<str>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let remote = connection.remote_address();
+    let limits = &guard.limits;
+    let budget = HeaderBudget::new(
+        u64::from(limits.max_header_bytes),
+        u64::from(limits.max_pending_header_bytes),
+    );
     let mut h3_connection = match h3::server::builder()
         .send_grease(false)
-        .build::<_, Bytes>(h3_quinn::Connection::new(connection.clone()))
+        // Advertised in SETTINGS; enforced before buffering by the guarded connection.
+        .max_field_section_size(u64::from(limits.max_header_bytes))
+        .build::<_, Bytes>(GuardedConnection::new(connection.clone(), budget))
         .await
     {
         Ok(h3_connection) => h3_connection,
@@ -385,16 +512,24 @@ async fn serve_connection(
             _ = calls_done(&calls, settled), if settled.is_some() => break,
         };
         let app = app.clone();
+        let guard = guard.clone();
+        let identity = identity.clone();
         let open = calls.subscribe();
+        let header_timeout = guard.limits.header_timeout;
         // Boxed: the call's future is 5 KiB, which a task would copy on spawn and again at its
         // end (see `h2_settings::BoxingExecutor`).
         tokio::spawn(Box::pin(async move {
-            match resolver.resolve_request().await {
-                Ok((request, stream)) => {
+            // Dropped unresolved when the headers take too long: the stream is stopped.
+            match tokio::time::timeout(header_timeout, resolver.resolve_request()).await {
+                Ok(Ok((request, stream))) => {
                     let (send, recv) = stream.split();
-                    handle_call(request, send, recv, &app).await;
+                    handle_call(request, send, recv, &app, &guard, identity.as_deref()).await;
                 }
-                Err(error) => tracing::debug!(%remote, %error, "peer request unreadable"),
+                Ok(Err(error)) => tracing::debug!(%remote, %error, "peer request unreadable"),
+                Err(_) => {
+                    count_limited("header_timeout");
+                    tracing::debug!(%remote, "peer request headers incomplete in time; stream dropped");
+                }
             }
             drop(open);
         }));
@@ -412,7 +547,25 @@ async fn calls_done(calls: &watch::Sender<()>, settle: Option<Instant>) {
     calls.closed().await;
 }
 
-async fn handle_call(request: Request<()>, mut send: PeerSend, recv: PeerRecv, app: &AppClient) {
+async fn handle_call(
+    request: Request<()>,
+    mut send: PeerSend,
+    recv: PeerRecv,
+    app: &AppClient,
+    guard: &Guard,
+    identity: Option<&str>,
+) {
+    if let Verdict::Denied(message) = guard.authorize(identity) {
+        metrics().inbound_denied.inc();
+        metrics()
+            .inbound_calls
+            .get_or_create(&StatusLabels {
+                status: "PERMISSION_DENIED",
+            })
+            .inc();
+        send_status(&mut send, Code::PermissionDenied, &message).await;
+        return;
+    }
     let arrived = Instant::now();
     let deadline = request
         .headers()
@@ -421,6 +574,7 @@ async fn handle_call(request: Request<()>, mut send: PeerSend, recv: PeerRecv, a
         .map(|timeout| arrived + timeout);
     let (mut parts, ()) = request.into_parts();
     strip_hop_by_hop(&mut parts.headers);
+    set_peer_identity(&mut parts.headers, identity);
     let mut uri = http::uri::Parts::default();
     uri.scheme = Some(Scheme::HTTP);
     uri.authority = Some(app.authority.clone());
@@ -508,6 +662,15 @@ async fn handle_call(request: Request<()>, mut send: PeerSend, recv: PeerRecv, a
                 send.reset(H3Code::H3_REQUEST_CANCELLED);
             }
         }
+    }
+}
+
+/// Puts the caller's verified identity in [`PEER_IDENTITY_HEADER`], replacing whatever the caller
+/// sent under that name (every copy), so the app can trust it.
+fn set_peer_identity(headers: &mut http::HeaderMap, identity: Option<&str>) {
+    headers.remove(PEER_IDENTITY_HEADER);
+    if let Some(value) = identity.and_then(|id| http::HeaderValue::from_str(id).ok()) {
+        headers.insert(PEER_IDENTITY_HEADER, value);
     }
 }
 
@@ -639,6 +802,56 @@ mod tests {
     async fn a_connection_that_just_ends_is_a_transport_loss() {
         let error = stream_error(Vec::new(), true).await;
         assert_eq!(classify(&error), AppFailure::Lost, "{error:?}");
+    }
+
+    #[test]
+    fn only_listed_identities_are_allowed_when_a_list_is_given() {
+        let limits = InboundLimits::default();
+        let open = Guard::new(None, &limits);
+        assert_eq!(open.authorize(None), Verdict::Allowed);
+        let frontend = "spiffe://td/ns/default/sa/frontend".to_string();
+        let listed = Guard::new(Some(std::slice::from_ref(&frontend)), &limits);
+        assert_eq!(listed.authorize(Some(&frontend)), Verdict::Allowed);
+        let Verdict::Denied(message) = listed.authorize(Some("spiffe://td/ns/default/sa/other"))
+        else {
+            panic!("an unlisted caller must be denied");
+        };
+        assert!(
+            message.contains("spiffe://td/ns/default/sa/other"),
+            "{message}"
+        );
+        assert!(matches!(listed.authorize(None), Verdict::Denied(_)));
+    }
+
+    #[test]
+    fn the_identity_header_is_ours_alone() {
+        let mut headers = http::HeaderMap::new();
+        headers.append(PEER_IDENTITY_HEADER, "spiffe://forged/a".parse().unwrap());
+        headers.append(PEER_IDENTITY_HEADER, "spiffe://forged/b".parse().unwrap());
+        set_peer_identity(&mut headers, Some("spiffe://td/ns/x/sa/y"));
+        let values: Vec<_> = headers.get_all(PEER_IDENTITY_HEADER).iter().collect();
+        assert_eq!(values, vec!["spiffe://td/ns/x/sa/y"]);
+        set_peer_identity(&mut headers, None);
+        assert!(headers.get(PEER_IDENTITY_HEADER).is_none());
+    }
+
+    #[test]
+    fn connections_per_peer_are_capped_and_given_back() {
+        let limits = InboundLimits {
+            max_connections_per_peer: 2,
+            ..InboundLimits::default()
+        };
+        let guard = Arc::new(Guard::new(None, &limits));
+        let peer = IpAddr::from([127, 0, 0, 9]);
+        let first = guard.admit(peer).unwrap();
+        let _second = guard.admit(peer).unwrap();
+        assert!(guard.admit(peer).is_none());
+        assert!(
+            guard.admit(IpAddr::from([127, 0, 0, 10])).is_some(),
+            "another peer"
+        );
+        drop(first);
+        assert!(guard.admit(peer).is_some());
     }
 
     #[test]

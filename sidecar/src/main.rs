@@ -131,6 +131,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 service_account,
             };
             let (input, origin) = if file == "-" {
+        /// A SPIFFE workload identity URI SAN, spiffe://<trust-domain>/ns/<namespace>/sa/<service-account> (repeatable).
+        #[arg(long = "identity")]
+        identities: Vec<String>,
                 let mut input = String::new();
                 std::io::stdin()
                     .read_to_string(&mut input)
@@ -229,9 +232,11 @@ fn init_logging(format: LogFormat) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+            identities,
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
 }
+                identities,

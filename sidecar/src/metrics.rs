@@ -78,6 +78,18 @@ fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.000_05, 2.0, 20))
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    /// `applied` or `rejected`.
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LimitLabels {
+    /// Which hostile-peer limit turned something away (see `inbound`).
+    pub limit: &'static str,
+}
+
 pub struct Metrics {
     registry: Registry,
     pub calls: Family<CallLabels, Counter>,
@@ -110,6 +122,16 @@ pub struct Metrics {
 /// Distinct method label values kept before new ones are reported as `other`.
 const MAX_METHODS: usize = 500;
 
+    /// New certificate sets from the `tls` files, applied or rejected.
+    pub tls_reloads: Family<ResultLabels, Counter>,
+    /// Seconds until the current leaf certificate expires (negative once it has).
+    pub tls_cert_expiry: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// Inbound calls refused by `inbound.allow`.
+    pub inbound_denied: Counter,
+    /// Upstream attempts refused because the peer presented another identity.
+    pub upstream_identity_mismatches: Counter,
+    /// Streams and connections turned away by the inbound hostile-peer limits.
+    pub inbound_limited: Family<LimitLabels, Counter>,
 impl Metrics {
     fn new() -> Metrics {
         let mut registry = Registry::with_prefix("locality_sidecar");
@@ -258,6 +280,36 @@ impl Metrics {
             discovery_events,
             discovery_last_event,
             endpoints,
+        let tls_reloads = Family::default();
+        registry.register(
+            "tls_reloads",
+            "Certificate sets read from the tls files, applied or rejected (the old set stays)",
+            tls_reloads.clone(),
+        );
+        let tls_cert_expiry = Gauge::default();
+        registry.register(
+            "tls_cert_expiry_seconds",
+            "Seconds until the current leaf certificate expires",
+            tls_cert_expiry.clone(),
+        );
+        let inbound_denied = Counter::default();
+        registry.register(
+            "inbound_denied",
+            "Inbound calls refused with PERMISSION_DENIED: the caller's identity is not in inbound.allow",
+            inbound_denied.clone(),
+        );
+        let upstream_identity_mismatches = Counter::default();
+        registry.register(
+            "upstream_identity_mismatches",
+            "Upstream attempts refused because the peer presented another identity than expected",
+            upstream_identity_mismatches.clone(),
+        );
+        let inbound_limited = Family::default();
+        registry.register(
+            "inbound_limited",
+            "Peer streams and connections turned away by a hostile-peer limit, by limit",
+            inbound_limited.clone(),
+        );
             seen_methods: Mutex::new(HashSet::new()),
             other_method: Arc::from("other"),
         }
@@ -278,6 +330,11 @@ impl Metrics {
             Format::Classic => exposition::to_classic(&self.encode()),
         }
     }
+            tls_reloads,
+            tls_cert_expiry,
+            inbound_denied,
+            upstream_identity_mismatches,
+            inbound_limited,
 
     /// The `method` label for a call path: the path itself while the number of distinct methods
     /// stays small, `other` beyond that, so a client sending random paths cannot blow up the

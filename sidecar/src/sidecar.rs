@@ -31,7 +31,7 @@ use crate::inbound::AppClient;
 use crate::outbound::replay::{ReplayBudget, PER_PROCESS_LIMIT};
 use crate::outbound::upstream::{RetryThrottle, Upstream, UpstreamMetrics};
 use crate::wire::quic::{self, ConnectionPool, TransportError};
-use crate::wire::tls::{TlsError, TlsMaterial};
+use crate::wire::tls::{LiveTls, TlsError};
 
 /// How long open calls may run on after a shutdown signal. Kubernetes' default termination
 /// grace period is 30 s; 10 s leaves the app's own shutdown most of it.
@@ -103,13 +103,18 @@ pub struct Running {
 /// Binds and starts everything the config describes.
 pub async fn start(config: Config, options: StartOptions) -> Result<Running, StartError> {
     let tls = match &config.tls {
-        Some(paths) => Some(TlsMaterial::load(paths)?),
+        Some(paths) => Some(LiveTls::load(paths)?),
         None => None,
     };
     let sockets = bind(&config, tls.as_ref()).await?;
     let (built, feeds) = build(&config, &options, tls.as_ref()).await?;
     let (shutdown, stop) = watch::channel(false);
-    let background = spawn(&config, &options, &built, feeds, &stop);
+    let mut background = spawn(&config, &options, &built, feeds, &stop);
+    if let Some(tls) = tls {
+        // Certificates rotate under a running sidecar: new handshakes use the files' current set.
+        let task = crate::wire::tls::watch(tls, stop.clone());
+        background.push(("certificate watch", tokio::spawn(task)));
+    }
     Ok(serve(sockets, built, background, shutdown, stop))
 }
 
@@ -119,11 +124,11 @@ pub async fn start(config: Config, options: StartOptions) -> Result<Running, Sta
 struct Sockets {
     outbound: Vec<TcpListener>,
     admin: TcpListener,
-    inbound: Option<(quinn::Endpoint, AppClient)>,
+    inbound: Option<(quinn::Endpoint, AppClient, crate::inbound::Guard)>,
     bound: Bound,
 }
 
-async fn bind(config: &Config, tls: Option<&TlsMaterial>) -> Result<Sockets, StartError> {
+async fn bind(config: &Config, tls: Option<&Arc<LiveTls>>) -> Result<Sockets, StartError> {
     let mut outbound = Vec::new();
     let mut outbound_addresses = Vec::new();
     for (index, entry) in config.outbound.iter().enumerate() {
@@ -140,13 +145,16 @@ async fn bind(config: &Config, tls: Option<&TlsMaterial>) -> Result<Sockets, Sta
                 message: format!("{} cannot be an HTTP authority: {error}", inbound.forward),
             })?;
             let mut server = quinn::ServerConfig::with_crypto(Arc::new(tls.quic_server_config()?));
-            server.transport_config(quic::transport_config());
-            let endpoint = quic::server_endpoint(inbound.listen, server, tls.private_key_der())
+            server.transport_config(quic::server_transport_config(
+                inbound.limits.max_concurrent_streams,
+            ));
+            let endpoint = quic::server_endpoint(inbound.listen, server, tls.reset_secret())
                 .map_err(|source| StartError::Transport {
                     field: "inbound.listen".to_string(),
                     source,
                 })?;
-            Some((endpoint, app))
+            let guard = crate::inbound::Guard::new(inbound.allow.as_deref(), &inbound.limits);
+            Some((endpoint, app, guard))
         }
         // Validation requires `tls` with `inbound`.
         _ => None,
@@ -155,7 +163,7 @@ async fn bind(config: &Config, tls: Option<&TlsMaterial>) -> Result<Sockets, Sta
         outbound: outbound_addresses,
         inbound: inbound
             .as_ref()
-            .and_then(|(endpoint, _)| endpoint.local_addr().ok()),
+            .and_then(|(endpoint, _, _)| endpoint.local_addr().ok()),
         admin: admin_address,
     };
     Ok(Sockets {
@@ -208,7 +216,7 @@ struct Target {
 async fn build(
     config: &Config,
     options: &StartOptions,
-    tls: Option<&TlsMaterial>,
+    tls: Option<&Arc<LiveTls>>,
 ) -> Result<(Built, Feeds), StartError> {
     // Everything that can fail comes before the first upstream, whose discovery and ranking
     // tasks start as it is made.
@@ -339,16 +347,44 @@ fn endpoint_source(
 ) -> Option<endpoints::EndpointWatch> {
     match (&entry.endpoints, &entry.service, kube) {
         (Some(list), _, _) => Some(endpoints::static_endpoints(list)),
-        (None, Some(service), Some(client)) => Some(discovery::watch_service(
-            client.clone(),
-            ServiceRef::parse(service, &pod_namespace(client)),
-            zones.clone(),
-        )),
+        (None, Some(service), Some(client)) => {
+            let found = discovery::watch_service(
+                client.clone(),
+                ServiceRef::parse(service, &pod_namespace(client)),
+                zones.clone(),
+            );
+            Some(match &entry.trust_domain {
+                Some(domain) => expect_identities(found, domain.clone()),
+                None => found,
+            })
+        }
         _ => None,
     }
 }
 
 /// Our namespace: `POD_NAMESPACE` (downward API), else the kubeconfig's default.
+/// The endpoint set of `found` with each pod's expected identity from its service account in
+/// `trust_domain`. The task ends with the discovery feeding it.
+fn expect_identities(
+    mut found: endpoints::EndpointWatch,
+    trust_domain: String,
+) -> endpoints::EndpointWatch {
+    let first = endpoints::with_identities((**found.borrow_and_update()).clone(), &trust_domain);
+    let (sender, receiver) = watch::channel(Arc::new(first));
+    tokio::spawn(async move {
+        while found.changed().await.is_ok() {
+            let next = (**found.borrow_and_update()).clone();
+            if sender
+                .send(Arc::new(endpoints::with_identities(next, &trust_domain)))
+                .is_err()
+            {
+                return;
+            }
+        }
+    });
+    receiver
+}
+
 fn pod_namespace(client: &kube::Client) -> String {
     std::env::var("POD_NAMESPACE")
         .ok()
@@ -461,9 +497,15 @@ fn serve(
         let task = crate::outbound::serve(listener, upstream.clone(), stop.clone(), DRAIN);
         listeners.push(("outbound listener", tokio::spawn(task)));
     }
-    let inbound = sockets.inbound.map(|(endpoint, app)| {
+    let inbound = sockets.inbound.map(|(endpoint, app, guard)| {
         tracing::info!(listen = ?sockets.bound.inbound, forward = %app.address(), "inbound QUIC listener serving");
-        let task = crate::inbound::serve(endpoint.clone(), Arc::new(app), stop.clone(), DRAIN);
+        let task = crate::inbound::serve(
+            endpoint.clone(),
+            Arc::new(app),
+            Arc::new(guard),
+            stop.clone(),
+            DRAIN,
+        );
         listeners.push(("inbound listener", tokio::spawn(task)));
         endpoint
     });

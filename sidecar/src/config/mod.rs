@@ -108,6 +108,9 @@ pub struct OutboundConfig {
     pub endpoints: Option<Vec<StaticEndpoint>>,
     /// The DNS name the upstream sidecars' certificates must carry.
     pub server_name: Option<String>,
+    /// SPIFFE trust domain of a Kubernetes upstream: each pod must present
+    /// `spiffe://<trustDomain>/ns/<namespace>/sa/<its service account>`. Absent: any peer of the CA.
+    pub trust_domain: Option<String>,
 }
 
 /// An upstream sidecar's QUIC address with its place in the topology.
@@ -119,6 +122,8 @@ pub struct StaticEndpoint {
     pub zone: Option<String>,
     /// A name for logs and the admin view; defaults to the address.
     pub pod: Option<String>,
+    /// The SPIFFE identity (URI SAN) the endpoint must present; absent: any peer of the CA.
+    pub identity: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -133,6 +138,43 @@ pub struct InboundConfig {
     /// its plaintext over the network would hand authenticated calls to whoever sits there.
     #[serde(default)]
     pub allow_non_loopback_forward: bool,
+    /// Caller identities (SPIFFE URIs) allowed to call; absent: any peer with a certificate
+    /// from the CA. Others get PERMISSION_DENIED.
+    pub allow: Option<Vec<String>>,
+    /// Limits that bound what one peer can make this sidecar hold.
+    #[serde(default)]
+    pub limits: InboundLimits,
+}
+
+/// What one peer may make the inbound side hold, whatever it sends.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct InboundLimits {
+    /// Largest request header section (HTTP/3 SETTINGS_MAX_FIELD_SECTION_SIZE), and the most
+    /// bytes a request stream may carry before its headers are complete.
+    pub max_header_bytes: u32,
+    /// Time a request may take to deliver its headers.
+    #[serde(deserialize_with = "duration_string")]
+    pub header_timeout: Duration,
+    /// Bytes of incomplete request headers one connection may have in flight over all its
+    /// streams.
+    pub max_pending_header_bytes: u32,
+    /// Concurrent request streams per connection.
+    pub max_concurrent_streams: u32,
+    /// Open connections per peer IP address.
+    pub max_connections_per_peer: u32,
+}
+
+impl Default for InboundLimits {
+    fn default() -> Self {
+        InboundLimits {
+            max_header_bytes: 64 * 1024,
+            header_timeout: Duration::from_secs(10),
+            max_pending_header_bytes: 1024 * 1024,
+            max_concurrent_streams: 4096,
+            max_connections_per_peer: 16,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -225,6 +267,24 @@ impl Config {
         if self.admin != other.admin {
             sections.push("admin");
         }
+/// Checks a SPIFFE ID's shape: `spiffe://<trust domain>/<path>`.
+fn check_spiffe(identity: &str) -> Result<(), String> {
+    let rest = identity.strip_prefix("spiffe://").ok_or_else(|| {
+        format!("expected a SPIFFE ID (spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>), found {identity:?}")
+    })?;
+    let (domain, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let domain_ok = !domain.is_empty()
+        && domain
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "-._".contains(c));
+    if !domain_ok || path.is_empty() || identity.chars().any(char::is_whitespace) {
+        return Err(format!(
+            "expected a SPIFFE ID (spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>), found {identity:?}"
+        ));
+    }
+    Ok(())
+}
+
         sections
     }
 
@@ -373,6 +433,17 @@ impl Config {
                 "expected {ca, cert, key}: peers talk mutual TLS, found no tls section".to_string(),
             ));
         }
+            for (index, endpoint) in outbound.endpoints.iter().flatten().enumerate() {
+                if let Some(identity) = &endpoint.identity {
+                    check_spiffe(identity).map_err(|message| {
+                        invalid(format!("{at}.endpoints[{index}].identity"), message)
+                    })?;
+                }
+            }
+            if let Some(domain) = &outbound.trust_domain {
+                check_spiffe(&format!("spiffe://{domain}/ns/x/sa/x"))
+                    .map_err(|message| invalid(format!("{at}.trustDomain"), message))?;
+            }
         if self.locality.tiers.is_empty() {
             return Err(invalid(
                 "locality.tiers".to_string(),
@@ -392,6 +463,22 @@ impl Config {
     }
 }
 
+            for (index, identity) in inbound.allow.iter().flatten().enumerate() {
+                check_spiffe(identity)
+                    .map_err(|message| invalid(format!("inbound.allow[{index}]"), message))?;
+            }
+            let limits = &inbound.limits;
+            if limits.max_header_bytes < 1024
+                || limits.max_pending_header_bytes < limits.max_header_bytes
+                || limits.max_concurrent_streams == 0
+                || limits.max_connections_per_peer == 0
+                || limits.header_timeout.is_zero()
+            {
+                return Err(invalid(
+                    "inbound.limits".to_string(),
+                    "expected maxHeaderBytes >= 1024, maxPendingHeaderBytes >= maxHeaderBytes, and the other limits above zero".to_string(),
+                ));
+            }
 #[cfg(test)]
 mod tests {
     use super::*;

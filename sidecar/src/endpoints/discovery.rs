@@ -182,6 +182,16 @@ pub fn endpoint_of(pod: &Pod) -> Option<Endpoint> {
         zone: None,
         node,
         host_ip: status.host_ip.as_deref().and_then(|ip| ip.parse().ok()),
+        // Kubernetes runs a pod without an explicit account as `default`.
+        service_account: Some(format!(
+            "{}/{}",
+            pod.metadata.namespace.as_deref().unwrap_or("default"),
+            pod.spec
+                .as_ref()
+                .and_then(|spec| spec.service_account_name.as_deref())
+                .unwrap_or("default")
+        )),
+        identity: None,
     })
 }
 

@@ -24,6 +24,11 @@ pub struct Endpoint {
     /// The node's IP as the pod reports it (`status.hostIP`).
     pub host_ip: Option<IpAddr>,
 }
+    /// The pod's Kubernetes service account as `<namespace>/<name>` (discovery only): with a
+    /// trust domain it gives the identity the pod must present.
+    pub service_account: Option<String>,
+    /// The SPIFFE identity the peer must present; `None`: any peer of the CA.
+    pub identity: Option<String>,
 
 /// A snapshot of an upstream's endpoints.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -36,6 +41,24 @@ pub struct EndpointSet {
 pub type EndpointWatch = watch::Receiver<Arc<EndpointSet>>;
 
 /// A fixed list from the config file: synced from the start and never changing.
+/// Sets each endpoint's expected identity from its service account, in `trust_domain`, as
+/// SPIFFE's Kubernetes form `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`.
+/// An endpoint without a known service account keeps what it had.
+pub fn with_identities(mut set: EndpointSet, trust_domain: &str) -> EndpointSet {
+    for endpoint in &mut set.endpoints {
+        if let Some((namespace, account)) = endpoint
+            .service_account
+            .as_deref()
+            .and_then(|account| account.split_once('/'))
+        {
+            endpoint.identity = Some(format!(
+                "spiffe://{trust_domain}/ns/{namespace}/sa/{account}"
+            ));
+        }
+    }
+    set
+}
+
 pub fn static_endpoints(list: &[StaticEndpoint]) -> EndpointWatch {
     let endpoints = list
         .iter()
@@ -49,6 +72,8 @@ pub fn static_endpoints(list: &[StaticEndpoint]) -> EndpointWatch {
             zone: entry.zone.clone(),
             host_ip: None,
         })
+            service_account: None,
+            identity: entry.identity.clone(),
         .collect();
     // The sender goes out of scope at once: readers keep the last value, which never changes.
     let (_sender, receiver) = watch::channel(Arc::new(EndpointSet {
@@ -56,4 +81,32 @@ pub fn static_endpoints(list: &[StaticEndpoint]) -> EndpointWatch {
         synced: true,
     }));
     receiver
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identities_come_from_service_accounts_in_the_trust_domain() {
+        let endpoint = |account: Option<&str>| Endpoint {
+            address: SocketAddr::from(([127, 0, 0, 1], 15443)),
+            pod: "pod".to_string(),
+            node: None,
+            zone: None,
+            host_ip: None,
+            service_account: account.map(str::to_string),
+            identity: None,
+        };
+        let set = EndpointSet {
+            endpoints: vec![endpoint(Some("shop/echo")), endpoint(None)],
+            synced: true,
+        };
+        let set = with_identities(set, "cluster.local");
+        assert_eq!(
+            set.endpoints[0].identity.as_deref(),
+            Some("spiffe://cluster.local/ns/shop/sa/echo")
+        );
+        assert_eq!(set.endpoints[1].identity, None);
+    }
 }

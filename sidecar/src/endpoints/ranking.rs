@@ -538,3 +538,5 @@ mod tests {
         assert!(remaining(&endpoint) <= Duration::from_secs(25), "capped");
     }
 }
+            service_account: None,
+            identity: None,

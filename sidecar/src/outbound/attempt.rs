@@ -164,6 +164,7 @@ pub async fn attempt(
         upstream.pool.sender(
             endpoint.endpoint.address,
             &upstream.server_name,
+            endpoint.endpoint.identity.as_deref(),
             target.connect_patience,
         ),
     )

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose,
+    KeyUsagePurpose, SanType,
 };
 
 use crate::config::DEFAULT_SERVER_NAME;
@@ -21,6 +21,8 @@ pub enum CertsError {
     },
     #[error("{path}: expected a PEM CA certificate and its key beside it (ca.key): {reason}")]
     BadCa { path: PathBuf, reason: String },
+    #[error("--identity {0:?}: expected a URI such as spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>")]
+    BadIdentity(String),
 }
 
 /// What `certs` should write.
@@ -32,6 +34,8 @@ pub struct CertRequest {
     /// Directory holding an existing `ca.crt` + `ca.key` to sign with instead of a new CA.
     pub existing_ca: Option<PathBuf>,
     pub common_name: String,
+    /// URI SANs, typically one SPIFFE ID (`spiffe://<trust-domain>/ns/<ns>/sa/<account>`).
+    pub identities: Vec<String>,
 }
 
 /// Writes `ca.crt`, `ca.key`, `tls.crt` and `tls.key` into `out` and returns the file paths.
@@ -52,6 +56,16 @@ pub fn write_dev_certs(request: &CertRequest) -> Result<Vec<PathBuf>, CertsError
         }
     }
     let mut params = CertificateParams::new(names)?;
+    for identity in &request.identities {
+        if !identity.contains("://") || identity.chars().any(char::is_whitespace) {
+            return Err(CertsError::BadIdentity(identity.clone()));
+        }
+        let uri = identity
+            .as_str()
+            .try_into()
+            .map_err(|_| CertsError::BadIdentity(identity.clone()))?;
+        params.subject_alt_names.push(SanType::URI(uri));
+    }
     params
         .distinguished_name
         .push(DnType::CommonName, request.common_name.clone());

@@ -6,5 +6,6 @@ pub mod batched_io;
 pub mod body;
 pub mod grpc;
 pub mod h2_settings;
+pub mod h3_guard;
 pub mod quic;
 pub mod tls;

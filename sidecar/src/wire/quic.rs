@@ -111,6 +111,15 @@ pub fn transport_config() -> Arc<TransportConfig> {
     Arc::new(settings(KEEP_ALIVE))
 }
 
+/// The serving side's settings: [`transport_config`] with at most `max_streams` concurrent
+/// request streams per peer connection (`inbound.limits.maxConcurrentStreams`), so one peer's
+/// connection cannot hold more calls, and their buffers, than that.
+pub fn server_transport_config(max_streams: u32) -> Arc<TransportConfig> {
+    let mut config = settings(KEEP_ALIVE);
+    config.max_concurrent_bidi_streams(VarInt::from_u32(max_streams));
+    Arc::new(config)
+}
+
 fn settings(keep_alive: Duration) -> TransportConfig {
     let mut config = TransportConfig::default();
     config
@@ -239,6 +248,20 @@ impl Drop for Waiting {
 pub struct PooledSender {
     pub sender: H3Sender,
     pub link: Arc<Link>,
+    /// The SPIFFE ID the peer presented in the handshake.
+    pub peer_identity: Option<Arc<str>>,
+}
+
+/// Why a peer's certificate is not the one this call expects, or `None` when it is.
+pub fn identity_mismatch(expected: Option<&str>, presented: Option<&str>) -> Option<String> {
+    let expected = expected?;
+    if presented == Some(expected) {
+        return None;
+    }
+    Some(format!(
+        "peer identity mismatch: expected {expected}, presented {}",
+        presented.unwrap_or("no SPIFFE identity")
+    ))
 }
 
 /// Why the pool has no connection for a call.
@@ -382,6 +405,28 @@ impl ConnectionPool {
         &self,
         address: SocketAddr,
         server_name: &Arc<str>,
+        identity: Option<&str>,
+        patience: Option<Duration>,
+    ) -> Result<PooledSender, PoolError> {
+        let pooled = self.connection(address, server_name, patience).await?;
+        // Checked on every call, not only at the connect: a connect may have been started by a
+        // call that expected another identity, and a pod's address may be reused.
+        match identity_mismatch(identity, pooled.peer_identity.as_deref()) {
+            None => Ok(pooled),
+            Some(reason) => {
+                metrics().upstream_identity_mismatches.inc();
+                Err(PoolError {
+                    error: TransportError::Connect { address, reason },
+                    fresh: true,
+                })
+            }
+        }
+    }
+
+    async fn connection(
+        &self,
+        address: SocketAddr,
+        server_name: &Arc<str>,
         patience: Option<Duration>,
     ) -> Result<PooledSender, PoolError> {
         let failed = |reason: String, fresh: bool| PoolError {
@@ -516,9 +561,11 @@ async fn connect_into(
     };
     let result = match connected {
         Ok((sender, connection)) => {
+            let peer_identity = peer_identity(&connection).map(Arc::from);
             let pooled = PooledSender {
                 sender,
                 link: Arc::new(Link::default()),
+                peer_identity,
             };
             if slot.evicted.load(Ordering::Acquire) {
                 connection.close(VarInt::from_u32(H3_NO_ERROR), b"endpoint left discovery");
@@ -545,6 +592,15 @@ async fn connect_into(
     };
     // No receiver left is fine: every waiting call gave up, and the slot holds the result.
     let _ = publish.send(Some(result));
+}
+
+/// The SPIFFE ID of a connection's peer, from the certificate it presented.
+pub fn peer_identity(connection: &quinn::Connection) -> Option<String> {
+    let chain = connection
+        .peer_identity()?
+        .downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>()
+        .ok()?;
+    crate::wire::tls::spiffe_id(&chain)
 }
 
 /// One QUIC handshake and HTTP/3 set-up; spawns the task that drives the connection.
@@ -811,6 +867,8 @@ mod tests {
                 node: None,
                 zone: None,
                 host_ip: None,
+                service_account: None,
+                identity: None,
             },
             tier: Tier::Any,
             load: Arc::new(EndpointLoad::default()),
@@ -1003,12 +1061,33 @@ mod tests {
             .entry((address, name.clone()))
             .or_default()
             .remember_failure("connect timed out".to_string());
-        let error = match pool.sender(address, &name, None).await {
+        let error = match pool.sender(address, &name, None, None).await {
             Err(error) => error,
             Ok(_) => panic!("a remembered failure must not connect"),
         };
         assert!(!error.fresh);
         assert!(error.to_string().contains("connect timed out"), "{error}");
+    }
+
+    #[test]
+    fn an_upstream_must_present_the_expected_identity_when_one_is_expected() {
+        let echo = "spiffe://td/ns/default/sa/echo";
+        assert_eq!(identity_mismatch(None, None), None);
+        assert_eq!(identity_mismatch(None, Some(echo)), None);
+        assert_eq!(identity_mismatch(Some(echo), Some(echo)), None);
+        let reason =
+            identity_mismatch(Some(echo), Some("spiffe://td/ns/default/sa/other")).unwrap();
+        assert!(
+            reason.contains("expected spiffe://td/ns/default/sa/echo"),
+            "{reason}"
+        );
+        assert!(
+            reason.contains("presented spiffe://td/ns/default/sa/other"),
+            "{reason}"
+        );
+        assert!(identity_mismatch(Some(echo), None)
+            .unwrap()
+            .contains("no SPIFFE identity"));
     }
 
     #[test]

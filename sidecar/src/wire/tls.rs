@@ -1,20 +1,44 @@
 //! Mutual TLS for the QUIC links between sidecars: loads the CA, certificate and key, checks that
-//! they belong together, and builds the rustls configurations quinn needs (TLS 1.3, ALPN `h3`).
+//! they belong together, and keeps them live.
+//!
+//! Certificates rotate under a running sidecar (cert-manager renews them, the kubelet swaps the
+//! Secret volume's `..data` symlink). [`LiveTls`] holds the current set; the rustls configurations
+//! built from it look the set up at every handshake (a certificate resolver and verifiers that
+//! delegate to the current CA), so [`watch`] swapping the set makes the next handshake, in both
+//! roles, use it. A bad new set is refused whole and the old one stays.
+//!
+//! Identities: a peer's SPIFFE ID is the first `spiffe://` URI SAN of its leaf certificate
+//! ([`spiffe_id`]); the inbound side authorizes callers by it and the outbound side checks that
+//! an upstream presents the one it expects.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::{ResolvesClientCert, WebPkiServerVerifier};
 use rustls::crypto::CryptoProvider;
-use rustls::server::danger::ClientCertVerifier;
-use rustls::server::WebPkiClientVerifier;
-use rustls::RootCertStore;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
+use rustls::{DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme};
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use tokio::sync::watch as tokio_watch;
 
 use crate::config::TlsPaths;
+use crate::metrics::{metrics, ResultLabels};
 
 pub const ALPN_H3: &[u8] = b"h3";
+
+/// How often the certificate files are read for changes. Reading three small files a second
+/// costs nothing, sees the kubelet's symlink swap as surely as a file event would (inotify
+/// watches on a symlinked Secret volume miss swaps unless the directory is watched), and keeps
+/// a new set within the 5 s promise.
+pub const POLL: Duration = Duration::from_secs(1);
+/// Warn once a leaf has less than this share of its lifetime left (cert-manager renews at 2/3).
+const WARN_REMAINING_SHARE: f64 = 1.0 / 3.0;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -50,6 +74,56 @@ fn provider() -> Arc<CryptoProvider> {
         .unwrap_or_else(|| Arc::new(rustls::crypto::ring::default_provider()))
 }
 
+/// The three files' contents, read together.
+#[derive(Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub ca: Vec<u8>,
+    pub cert: Vec<u8>,
+    pub key: Vec<u8>,
+}
+
+impl TlsFiles {
+    pub fn read(paths: &TlsPaths) -> Result<TlsFiles, TlsError> {
+        let read = |field: &'static str, path: &Path| {
+            std::fs::read(path).map_err(|e| TlsError::File {
+                field,
+                path: path.to_path_buf(),
+                reason: format!("cannot read: {e}"),
+            })
+        };
+        Ok(TlsFiles {
+            ca: read("ca", &paths.ca)?,
+            cert: read("cert", &paths.cert)?,
+            key: read("key", &paths.key)?,
+        })
+    }
+
+    /// Reads until two reads in a row agree: the three files are read one by one, and a swap
+    /// between two reads would pair an old certificate with a new key.
+    fn read_stable(paths: &TlsPaths) -> Result<TlsFiles, TlsError> {
+        let mut previous = TlsFiles::read(paths)?;
+        for _ in 0..3 {
+            let next = TlsFiles::read(paths)?;
+            if next == previous {
+                return Ok(next);
+            }
+            previous = next;
+        }
+        Ok(previous)
+    }
+
+    fn fingerprint(&self) -> [u8; 32] {
+        let mut context = ring::digest::Context::new(&ring::digest::SHA256);
+        for part in [&self.ca, &self.cert, &self.key] {
+            context.update(&(part.len() as u64).to_be_bytes());
+            context.update(part);
+        }
+        let mut out = [0u8; 32];
+        out.copy_from_slice(context.finish().as_ref());
+        out
+    }
+}
+
 /// A validated set of CA, certificate chain and key.
 pub struct TlsMaterial {
     roots: Arc<RootCertStore>,
@@ -62,7 +136,12 @@ impl TlsMaterial {
     /// signed by the CA. Failing here gives the operator one precise line at start-up instead of
     /// handshake failures later.
     pub fn load(paths: &TlsPaths) -> Result<TlsMaterial, TlsError> {
-        let ca_certs = read_certs("ca", &paths.ca)?;
+        TlsMaterial::parse(&TlsFiles::read(paths)?, paths)
+    }
+
+    /// [`TlsMaterial::load`] from contents already read; `paths` name them in errors.
+    pub fn parse(files: &TlsFiles, paths: &TlsPaths) -> Result<TlsMaterial, TlsError> {
+        let ca_certs = parse_certs("ca", &paths.ca, &files.ca)?;
         let mut roots = RootCertStore::empty();
         for cert in ca_certs {
             roots.add(cert).map_err(|e| TlsError::File {
@@ -71,8 +150,8 @@ impl TlsMaterial {
                 reason: format!("not a usable CA certificate: {e}"),
             })?;
         }
-        let chain = read_certs("cert", &paths.cert)?;
-        let key = PrivateKeyDer::from_pem_file(&paths.key).map_err(|e| TlsError::File {
+        let chain = parse_certs("cert", &paths.cert, &files.cert)?;
+        let key = PrivateKeyDer::from_pem_slice(&files.key).map_err(|e| TlsError::File {
             field: "key",
             path: paths.key.clone(),
             reason: format!("expected a PEM private key: {e}"),
@@ -82,12 +161,12 @@ impl TlsMaterial {
             chain,
             key,
         };
-        material.check_key_matches(paths)?;
+        material.certified_key(paths)?;
         material.check_signed_by_ca(paths)?;
         Ok(material)
     }
 
-    fn check_key_matches(&self, paths: &TlsPaths) -> Result<(), TlsError> {
+    fn certified_key(&self, paths: &TlsPaths) -> Result<Arc<CertifiedKey>, TlsError> {
         let signing_key = provider()
             .key_provider
             .load_private_key(self.key.clone_key())
@@ -96,11 +175,12 @@ impl TlsMaterial {
                 path: paths.key.clone(),
                 reason: format!("unsupported private key: {e}"),
             })?;
-        let certified = rustls::sign::CertifiedKey::new(self.chain.clone(), signing_key);
+        let certified = CertifiedKey::new(self.chain.clone(), signing_key);
         certified.keys_match().map_err(|_| TlsError::KeyMismatch {
             cert: paths.cert.clone(),
             key: paths.key.clone(),
-        })
+        })?;
+        Ok(Arc::new(certified))
     }
 
     fn check_signed_by_ca(&self, paths: &TlsPaths) -> Result<(), TlsError> {
@@ -125,45 +205,34 @@ impl TlsMaterial {
             .map_err(|e| TlsError::Build(e.to_string()))
     }
 
-    /// The inbound side: requires a client certificate from the CA.
-    /// The private key's DER bytes: the secret the inbound's stateless-reset key is derived
-    /// from, so a restarted sidecar with the same key can reset its predecessor's connections.
+    fn server_verifier(&self) -> Result<Arc<WebPkiServerVerifier>, TlsError> {
+        WebPkiServerVerifier::builder_with_provider(self.roots.clone(), provider())
+            .build()
+            .map_err(|e| TlsError::Build(e.to_string()))
+    }
+
+    /// The private key's DER bytes (see [`LiveTls::reset_secret`]).
     pub fn private_key_der(&self) -> &[u8] {
         self.key.secret_der()
     }
 
-    pub fn quic_server_config(&self) -> Result<QuicServerConfig, TlsError> {
-        let mut config = rustls::ServerConfig::builder_with_provider(provider())
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(|e| TlsError::Build(e.to_string()))?
-            .with_client_cert_verifier(self.client_verifier()?)
-            .with_single_cert(self.chain.clone(), self.key.clone_key())
-            .map_err(|e| TlsError::Build(e.to_string()))?;
-        config.alpn_protocols = vec![ALPN_H3.to_vec()];
-        QuicServerConfig::try_from(config).map_err(|e| TlsError::Build(e.to_string()))
-    }
-
-    /// The outbound side: verifies the upstream against the CA and presents our certificate.
-    pub fn quic_client_config(&self) -> Result<QuicClientConfig, TlsError> {
-        let mut config = rustls::ClientConfig::builder_with_provider(provider())
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(|e| TlsError::Build(e.to_string()))?
-            .with_root_certificates(self.roots.clone())
-            .with_client_auth_cert(self.chain.clone(), self.key.clone_key())
-            .map_err(|e| TlsError::Build(e.to_string()))?;
-        config.alpn_protocols = vec![ALPN_H3.to_vec()];
-        QuicClientConfig::try_from(config).map_err(|e| TlsError::Build(e.to_string()))
+    /// The leaf certificate's SPIFFE ID, if it carries one.
+    pub fn identity(&self) -> Option<String> {
+        spiffe_id(&self.chain)
     }
 }
 
-fn read_certs(field: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+fn parse_certs(
+    field: &'static str,
+    path: &Path,
+    pem: &[u8],
+) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let file_error = |reason: String| TlsError::File {
         field,
         path: path.to_path_buf(),
         reason,
     };
-    let certs = CertificateDer::pem_file_iter(path)
-        .map_err(|e| file_error(format!("cannot read: {e}")))?
+    let certs = CertificateDer::pem_slice_iter(pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| file_error(format!("expected PEM certificates: {e}")))?;
     if certs.is_empty() {
@@ -174,17 +243,453 @@ fn read_certs(field: &'static str, path: &Path) -> Result<Vec<CertificateDer<'st
     Ok(certs)
 }
 
+/// The URI SANs of a DER certificate (empty when it cannot be parsed or has none).
+pub fn uri_sans(der: &[u8]) -> Vec<String> {
+    use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+    let Ok((_, cert)) = X509Certificate::from_der(der) else {
+        return Vec::new();
+    };
+    let Ok(Some(san)) = cert.subject_alternative_name() else {
+        return Vec::new();
+    };
+    san.value
+        .general_names
+        .iter()
+        .filter_map(|name| match name {
+            GeneralName::URI(uri) => Some(uri.to_string()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A chain's SPIFFE ID: the leaf's first `spiffe://` URI SAN (X.509-SVIDs carry exactly one).
+pub fn spiffe_id(chain: &[CertificateDer<'_>]) -> Option<String> {
+    let leaf = chain.first()?;
+    uri_sans(leaf.as_ref())
+        .into_iter()
+        .find(|uri| uri.starts_with("spiffe://"))
+}
+
+/// A leaf's validity period, as Unix seconds.
+fn validity(der: &[u8]) -> Option<(i64, i64)> {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let (_, cert) = X509Certificate::from_der(der).ok()?;
+    let validity = cert.validity();
+    Some((
+        validity.not_before.timestamp(),
+        validity.not_after.timestamp(),
+    ))
+}
+
+/// What the operator should hear about a leaf's expiry at `now` (Unix seconds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExpiryNotice {
+    Fine,
+    /// Less than a third of the lifetime is left: renewal should have happened.
+    Soon,
+    Expired,
+}
+
+/// Judges a leaf valid from `not_before` to `not_after` at `now` (all Unix seconds).
+pub fn expiry_notice(not_before: i64, not_after: i64, now: i64) -> ExpiryNotice {
+    if now >= not_after {
+        return ExpiryNotice::Expired;
+    }
+    let lifetime = (not_after - not_before).max(1) as f64;
+    if ((not_after - now) as f64) < lifetime * WARN_REMAINING_SHARE {
+        ExpiryNotice::Soon
+    } else {
+        ExpiryNotice::Fine
+    }
+}
+
+/// One validated set, ready for handshakes.
+struct Active {
+    certified: Arc<CertifiedKey>,
+    client_verifier: Arc<dyn ClientCertVerifier>,
+    server_verifier: Arc<WebPkiServerVerifier>,
+    /// The leaf's validity, when it parses.
+    validity: Option<(i64, i64)>,
+    identity: Option<String>,
+    fingerprint: [u8; 32],
+}
+
+impl Active {
+    fn new(files: &TlsFiles, paths: &TlsPaths) -> Result<Active, TlsError> {
+        let material = TlsMaterial::parse(files, paths)?;
+        Ok(Active {
+            certified: material.certified_key(paths)?,
+            client_verifier: material.client_verifier()?,
+            server_verifier: material.server_verifier()?,
+            validity: material.chain.first().and_then(|leaf| validity(leaf)),
+            identity: material.identity(),
+            fingerprint: files.fingerprint(),
+        })
+    }
+}
+
+/// The live certificate set: what every new handshake, inbound or outbound, presents and trusts.
+pub struct LiveTls {
+    paths: TlsPaths,
+    active: RwLock<Arc<Active>>,
+    /// The private key loaded at start, kept for the process lifetime (see [`Self::reset_secret`]).
+    reset_secret: Vec<u8>,
+}
+
+impl std::fmt::Debug for LiveTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LiveTls")
+            .field("paths", &self.paths)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What one look at the files found.
+#[derive(Debug)]
+pub enum Reload {
+    Unchanged,
+    Applied,
+    /// The same bad set as last time: already logged and counted.
+    StillRejected,
+    Rejected(TlsError),
+}
+
+impl LiveTls {
+    /// Loads the set at start-up; a bad set is an error here (nothing to fall back to).
+    pub fn load(paths: &TlsPaths) -> Result<Arc<LiveTls>, TlsError> {
+        let files = TlsFiles::read_stable(paths)?;
+        let material = TlsMaterial::parse(&files, paths)?;
+        let reset_secret = material.private_key_der().to_vec();
+        let live = LiveTls {
+            paths: paths.clone(),
+            active: RwLock::new(Arc::new(Active::new(&files, paths)?)),
+            reset_secret,
+        };
+        live.publish_expiry(unix_now());
+        Ok(Arc::new(live))
+    }
+
+    fn active(&self) -> Arc<Active> {
+        self.active
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    /// The secret the inbound side's QUIC stateless-reset key is derived from: the private key
+    /// on disk when this process started, for its whole lifetime. Resets must be provable by a
+    /// restarted sidecar at the same address, and only a secret it shares with its predecessor
+    /// can do that; the key on disk at its start is the same one unless the key itself was
+    /// rotated in between (cert-manager's `rotationPolicy: Never` keeps it across renewals).
+    /// When it was, the peers' dead-connection detection takes over (half a second).
+    pub fn reset_secret(&self) -> &[u8] {
+        &self.reset_secret
+    }
+
+    /// Our own SPIFFE ID (the current leaf's).
+    pub fn identity(&self) -> Option<String> {
+        self.active().identity.clone()
+    }
+
+    /// Reads the files and swaps in a changed set when it is valid. `rejected` remembers the
+    /// last refused set, so a bad set is reported once, not once a second.
+    pub fn reload(&self, rejected: &mut Option<[u8; 32]>) -> Reload {
+        let files = match TlsFiles::read_stable(&self.paths) {
+            Ok(files) => files,
+            Err(error) => {
+                // Unreadable: fingerprinted by the error, so the same failure is told once.
+                let marker =
+                    ring::digest::digest(&ring::digest::SHA256, error.to_string().as_bytes());
+                let mut fingerprint = [0u8; 32];
+                fingerprint.copy_from_slice(marker.as_ref());
+                return self.refuse(fingerprint, error, rejected);
+            }
+        };
+        let fingerprint = files.fingerprint();
+        if fingerprint == self.active().fingerprint {
+            *rejected = None;
+            return Reload::Unchanged;
+        }
+        match Active::new(&files, &self.paths) {
+            Ok(active) => {
+                *self
+                    .active
+                    .write()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::new(active);
+                *rejected = None;
+                Reload::Applied
+            }
+            Err(error) => self.refuse(fingerprint, error, rejected),
+        }
+    }
+
+    fn refuse(
+        &self,
+        fingerprint: [u8; 32],
+        error: TlsError,
+        rejected: &mut Option<[u8; 32]>,
+    ) -> Reload {
+        if *rejected == Some(fingerprint) {
+            return Reload::StillRejected;
+        }
+        *rejected = Some(fingerprint);
+        Reload::Rejected(error)
+    }
+
+    /// Sets the expiry gauge; returns what to tell the operator.
+    fn publish_expiry(&self, now: i64) -> Option<(ExpiryNotice, i64)> {
+        let (not_before, not_after) = self.active().validity?;
+        metrics().tls_cert_expiry.set((not_after - now) as f64);
+        Some((expiry_notice(not_before, not_after, now), not_after - now))
+    }
+
+    /// The inbound side: requires a client certificate from the current CA and presents the
+    /// current certificate.
+    pub fn quic_server_config(self: &Arc<Self>) -> Result<QuicServerConfig, TlsError> {
+        let mut config = rustls::ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| TlsError::Build(e.to_string()))?
+            .with_client_cert_verifier(Arc::new(LiveClientVerifier(self.clone())))
+            .with_cert_resolver(Arc::new(LiveResolver(self.clone())));
+        config.alpn_protocols = vec![ALPN_H3.to_vec()];
+        QuicServerConfig::try_from(config).map_err(|e| TlsError::Build(e.to_string()))
+    }
+
+    /// The outbound side: verifies the upstream against the current CA and presents the
+    /// current certificate.
+    pub fn quic_client_config(self: &Arc<Self>) -> Result<QuicClientConfig, TlsError> {
+        let mut config = rustls::ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| TlsError::Build(e.to_string()))?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(LiveServerVerifier(self.clone())))
+            .with_client_cert_resolver(Arc::new(LiveResolver(self.clone())));
+        config.alpn_protocols = vec![ALPN_H3.to_vec()];
+        QuicClientConfig::try_from(config).map_err(|e| TlsError::Build(e.to_string()))
+    }
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// Follows the `tls` files every [`POLL`] until `shutdown` turns true: applies valid new sets,
+/// refuses bad ones (logged once, counted, the old set stays), keeps the expiry gauge current
+/// and warns once per leaf as it nears expiry.
+pub async fn watch(live: Arc<LiveTls>, mut shutdown: tokio_watch::Receiver<bool>) {
+    let mut ticks = tokio::time::interval(POLL);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut rejected = None;
+    // The leaf (by fingerprint) and notice last told, so each is told once.
+    let mut told: Option<([u8; 32], ExpiryNotice)> = None;
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        }
+        // Small files, but still blocking reads: off the runtime's threads.
+        let reader = live.clone();
+        let (outcome, rejected_now) = match tokio::task::spawn_blocking(move || {
+            let outcome = reader.reload(&mut rejected);
+            (outcome, rejected)
+        })
+        .await
+        {
+            Ok(result) => result,
+            Err(_) => return,
+        };
+        rejected = rejected_now;
+        let result = match &outcome {
+            Reload::Applied => {
+                let active = live.active();
+                tracing::info!(
+                    identity = active.identity.as_deref().unwrap_or("-"),
+                    expires_in_s = active.validity.map(|(_, after)| after - unix_now()),
+                    "new TLS certificate set applied; new handshakes use it"
+                );
+                Some("applied")
+            }
+            Reload::Rejected(error) => {
+                tracing::error!(%error, "new TLS certificate set rejected; the previous set stays in use");
+                Some("rejected")
+            }
+            Reload::Unchanged | Reload::StillRejected => None,
+        };
+        if let Some(result) = result {
+            metrics()
+                .tls_reloads
+                .get_or_create(&ResultLabels { result })
+                .inc();
+        }
+        let fingerprint = live.active().fingerprint;
+        if let Some((notice, remaining)) = live.publish_expiry(unix_now()) {
+            let key = (fingerprint, notice);
+            if notice != ExpiryNotice::Fine && told != Some(key) {
+                told = Some(key);
+                match notice {
+                    ExpiryNotice::Soon => tracing::warn!(
+                        expires_in_s = remaining,
+                        "TLS certificate expires soon and has not been renewed"
+                    ),
+                    _ => tracing::error!(
+                        expired_s_ago = -remaining,
+                        "TLS certificate has expired; peers will refuse new handshakes"
+                    ),
+                }
+            }
+        }
+    }
+}
+
+/// Presents the current certificate, as server and as client.
+#[derive(Debug)]
+struct LiveResolver(Arc<LiveTls>);
+
+impl ResolvesServerCert for LiveResolver {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.active().certified.clone())
+    }
+}
+
+impl ResolvesClientCert for LiveResolver {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.active().certified.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// Verifies client certificates against the current CA.
+#[derive(Debug)]
+struct LiveClientVerifier(Arc<LiveTls>);
+
+impl ClientCertVerifier for LiveClientVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        // Hints are optional in TLS 1.3, and every peer has exactly one certificate to offer.
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.0
+            .active()
+            .client_verifier
+            .verify_client_cert(end_entity, intermediates, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0
+            .active()
+            .client_verifier
+            .verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0
+            .active()
+            .client_verifier
+            .verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.active().client_verifier.supported_verify_schemes()
+    }
+}
+
+/// Verifies upstream certificates against the current CA.
+#[derive(Debug)]
+struct LiveServerVerifier(Arc<LiveTls>);
+
+impl ServerCertVerifier for LiveServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        self.0.active().server_verifier.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        )
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0
+            .active()
+            .server_verifier
+            .verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0
+            .active()
+            .server_verifier
+            .verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.active().server_verifier.supported_verify_schemes()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::tools::certs::{write_dev_certs, CertRequest};
 
     fn dev_certs(dir: &Path, existing_ca: Option<PathBuf>) -> TlsPaths {
+        dev_certs_with(dir, existing_ca, vec![])
+    }
+
+    fn dev_certs_with(
+        dir: &Path,
+        existing_ca: Option<PathBuf>,
+        identities: Vec<String>,
+    ) -> TlsPaths {
         write_dev_certs(&CertRequest {
             out: dir.to_path_buf(),
             extra_names: vec![],
             existing_ca,
             common_name: "test".to_string(),
+            identities,
         })
         .unwrap();
         TlsPaths {
@@ -198,9 +703,9 @@ mod tests {
     fn dev_certs_load_and_build_both_sides() {
         install_crypto_provider();
         let dir = tempfile::tempdir().unwrap();
-        let material = TlsMaterial::load(&dev_certs(dir.path(), None)).unwrap();
-        material.quic_server_config().unwrap();
-        material.quic_client_config().unwrap();
+        let live = LiveTls::load(&dev_certs(dir.path(), None)).unwrap();
+        live.quic_server_config().unwrap();
+        live.quic_client_config().unwrap();
     }
 
     #[test]
@@ -246,5 +751,52 @@ mod tests {
             err.starts_with("tls.ca") && err.contains("nope.crt"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn identity_is_the_leafs_spiffe_uri() {
+        install_crypto_provider();
+        let dir = tempfile::tempdir().unwrap();
+        let id = "spiffe://cluster.local/ns/default/sa/echo".to_string();
+        let paths = dev_certs_with(dir.path(), None, vec![id.clone()]);
+        assert_eq!(TlsMaterial::load(&paths).unwrap().identity(), Some(id));
+        let plain = tempfile::tempdir().unwrap();
+        assert_eq!(
+            TlsMaterial::load(&dev_certs(plain.path(), None))
+                .unwrap()
+                .identity(),
+            None
+        );
+    }
+
+    #[test]
+    fn a_good_new_set_applies_and_a_bad_one_is_refused_once_keeping_the_old() {
+        install_crypto_provider();
+        let dir = tempfile::tempdir().unwrap();
+        let paths = dev_certs(dir.path(), None);
+        let live = LiveTls::load(&paths).unwrap();
+        let mut rejected = None;
+        assert!(matches!(live.reload(&mut rejected), Reload::Unchanged));
+        let before = live.active().fingerprint;
+        // A key from elsewhere: refused, told once, the old set stays.
+        let other = tempfile::tempdir().unwrap();
+        std::fs::copy(dev_certs(other.path(), None).key, &paths.key).unwrap();
+        assert!(matches!(
+            live.reload(&mut rejected),
+            Reload::Rejected(TlsError::KeyMismatch { .. })
+        ));
+        assert!(matches!(live.reload(&mut rejected), Reload::StillRejected));
+        assert_eq!(live.active().fingerprint, before);
+        // A whole new set from the same CA: applied.
+        dev_certs(dir.path(), Some(dir.path().to_path_buf()));
+        assert!(matches!(live.reload(&mut rejected), Reload::Applied));
+        assert_ne!(live.active().fingerprint, before);
+    }
+
+    #[test]
+    fn expiry_is_told_once_a_third_of_the_lifetime_is_left() {
+        assert_eq!(expiry_notice(0, 90, 50), ExpiryNotice::Fine);
+        assert_eq!(expiry_notice(0, 90, 61), ExpiryNotice::Soon);
+        assert_eq!(expiry_notice(0, 90, 90), ExpiryNotice::Expired);
     }
 }

@@ -9,6 +9,7 @@ pub mod cluster;
 pub mod echo_server;
 pub mod fake_kube;
 pub mod harness;
+pub mod load;
 
 pub mod pb {
     //! Code generated from `proto/echo.proto` by `build.rs`.

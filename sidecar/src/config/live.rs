@@ -1,6 +1,6 @@
 //! Live configuration: watches the config file (a mounted ConfigMap changes under it) and,
 //! when asked, the ConfigMap itself through the API, and applies what can change without a
-//! restart (retry policy, timeouts, outlier detection, locality tiers) to new calls.
+//! restart (retry policy, timeouts, outlier detection, locality tiers and spill-over) to new calls.
 //!
 //! A new version is validated whole first. An invalid one changes nothing: the last good config
 //! stays, the error is logged with its field path, and `config_reloads_total{result="rejected"}`
@@ -290,7 +290,7 @@ pub async fn follow_configmap(client: Client, namespace: String, name: String, a
 pub struct LivePolicy {
     pub service_config: crate::config::service_config::ServiceConfig,
     pub outlier: crate::config::OutlierDetection,
-    pub tiers: Vec<crate::config::Tier>,
+    pub locality: crate::config::LocalityConfig,
 }
 
 impl LivePolicy {
@@ -298,7 +298,7 @@ impl LivePolicy {
         LivePolicy {
             service_config: config.policy.clone(),
             outlier: config.outlier_detection.clone(),
-            tiers: config.locality.tiers.clone(),
+            locality: config.locality.clone(),
         }
     }
 }
@@ -320,7 +320,7 @@ mod tests {
     }
 
     fn tiers(policy: &PolicyWatch) -> Vec<Tier> {
-        policy.borrow().tiers.clone()
+        policy.borrow().locality.tiers.clone()
     }
 
     #[test]

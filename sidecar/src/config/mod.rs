@@ -218,18 +218,71 @@ impl Tier {
     }
 }
 
+/// Where calls go: tiers in order, and when load lets the next tier join (live-tunable).
 #[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
 pub struct LocalityConfig {
     pub tiers: Vec<Tier>,
+    /// The best tier takes every call while it has a healthy endpoint, whatever its load.
+    pub strict: bool,
+    pub spill_over: SpillOverConfig,
 }
 
 impl Default for LocalityConfig {
     fn default() -> Self {
         LocalityConfig {
             tiers: vec![Tier::Node, Tier::Zone, Tier::Any],
+            strict: false,
+            spill_over: SpillOverConfig::default(),
         }
     }
+}
+
+impl LocalityConfig {
+    pub fn band(&self) -> crate::endpoints::spill::SpillBand {
+        crate::endpoints::spill::SpillBand {
+            enabled: !self.strict,
+            low: self.spill_over.low,
+            high: self.spill_over.high,
+        }
+    }
+}
+
+/// The band of calls waiting per endpoint: above `high` the next tier joins the candidates,
+/// below `low` (judged as if it had left) it leaves again.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct SpillOverConfig {
+    pub low: f64,
+    pub high: f64,
+}
+
+impl Default for SpillOverConfig {
+    fn default() -> Self {
+        let band = crate::endpoints::spill::SpillBand::default();
+        SpillOverConfig {
+            low: band.low,
+            high: band.high,
+        }
+    }
+}
+
+/// Checks a SPIFFE ID's shape: `spiffe://<trust domain>/<path>`.
+fn check_spiffe(identity: &str) -> Result<(), String> {
+    let rest = identity.strip_prefix("spiffe://").ok_or_else(|| {
+        format!("expected a SPIFFE ID (spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>), found {identity:?}")
+    })?;
+    let (domain, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let domain_ok = !domain.is_empty()
+        && domain
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "-._".contains(c));
+    if !domain_ok || path.is_empty() || identity.chars().any(char::is_whitespace) {
+        return Err(format!(
+            "expected a SPIFFE ID (spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>), found {identity:?}"
+        ));
+    }
+    Ok(())
 }
 
 /// The certificate name checked on upstream sidecars when the config names none.
@@ -267,24 +320,6 @@ impl Config {
         if self.admin != other.admin {
             sections.push("admin");
         }
-/// Checks a SPIFFE ID's shape: `spiffe://<trust domain>/<path>`.
-fn check_spiffe(identity: &str) -> Result<(), String> {
-    let rest = identity.strip_prefix("spiffe://").ok_or_else(|| {
-        format!("expected a SPIFFE ID (spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>), found {identity:?}")
-    })?;
-    let (domain, path) = rest.split_once('/').unwrap_or((rest, ""));
-    let domain_ok = !domain.is_empty()
-        && domain
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "-._".contains(c));
-    if !domain_ok || path.is_empty() || identity.chars().any(char::is_whitespace) {
-        return Err(format!(
-            "expected a SPIFFE ID (spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>), found {identity:?}"
-        ));
-    }
-    Ok(())
-}
-
         sections
     }
 
@@ -398,6 +433,17 @@ fn check_spiffe(identity: &str) -> Result<(), String> {
                     }
                 }
             }
+            for (index, endpoint) in outbound.endpoints.iter().flatten().enumerate() {
+                if let Some(identity) = &endpoint.identity {
+                    check_spiffe(identity).map_err(|message| {
+                        invalid(format!("{at}.endpoints[{index}].identity"), message)
+                    })?;
+                }
+            }
+            if let Some(domain) = &outbound.trust_domain {
+                check_spiffe(&format!("spiffe://{domain}/ns/x/sa/x"))
+                    .map_err(|message| invalid(format!("{at}.trustDomain"), message))?;
+            }
             if let Some(name) = &outbound.server_name {
                 if rustls_pki_types::ServerName::try_from(name.as_str()).is_err() {
                     return Err(invalid(
@@ -417,52 +463,6 @@ fn check_spiffe(identity: &str) -> Result<(), String> {
                     ),
                 ));
             }
-            if listens.contains(&inbound.forward) {
-                return Err(invalid(
-                    "inbound.forward".to_string(),
-                    format!(
-                        "{} is an outbound listener of this sidecar; forwarding there would loop",
-                        inbound.forward
-                    ),
-                ));
-            }
-        }
-        if (self.inbound.is_some() || !self.outbound.is_empty()) && self.tls.is_none() {
-            return Err(invalid(
-                "tls".to_string(),
-                "expected {ca, cert, key}: peers talk mutual TLS, found no tls section".to_string(),
-            ));
-        }
-            for (index, endpoint) in outbound.endpoints.iter().flatten().enumerate() {
-                if let Some(identity) = &endpoint.identity {
-                    check_spiffe(identity).map_err(|message| {
-                        invalid(format!("{at}.endpoints[{index}].identity"), message)
-                    })?;
-                }
-            }
-            if let Some(domain) = &outbound.trust_domain {
-                check_spiffe(&format!("spiffe://{domain}/ns/x/sa/x"))
-                    .map_err(|message| invalid(format!("{at}.trustDomain"), message))?;
-            }
-        if self.locality.tiers.is_empty() {
-            return Err(invalid(
-                "locality.tiers".to_string(),
-                "expected at least one of node, zone, any".to_string(),
-            ));
-        }
-        let mut seen = HashSet::new();
-        for (index, tier) in self.locality.tiers.iter().enumerate() {
-            if !seen.insert(*tier) {
-                return Err(invalid(
-                    format!("locality.tiers[{index}]"),
-                    format!("{} appears twice", tier.as_str()),
-                ));
-            }
-        }
-        Ok(())
-    }
-}
-
             for (index, identity) in inbound.allow.iter().flatten().enumerate() {
                 check_spiffe(identity)
                     .map_err(|message| invalid(format!("inbound.allow[{index}]"), message))?;
@@ -479,6 +479,60 @@ fn check_spiffe(identity: &str) -> Result<(), String> {
                     "expected maxHeaderBytes >= 1024, maxPendingHeaderBytes >= maxHeaderBytes, and the other limits above zero".to_string(),
                 ));
             }
+            if listens.contains(&inbound.forward) {
+                return Err(invalid(
+                    "inbound.forward".to_string(),
+                    format!(
+                        "{} is an outbound listener of this sidecar; forwarding there would loop",
+                        inbound.forward
+                    ),
+                ));
+            }
+        }
+        if (self.inbound.is_some() || !self.outbound.is_empty()) && self.tls.is_none() {
+            return Err(invalid(
+                "tls".to_string(),
+                "expected {ca, cert, key}: peers talk mutual TLS, found no tls section".to_string(),
+            ));
+        }
+        if self.locality.tiers.is_empty() {
+            return Err(invalid(
+                "locality.tiers".to_string(),
+                "expected at least one of node, zone, any".to_string(),
+            ));
+        }
+        let band = &self.locality.spill_over;
+        if !(band.low.is_finite() && band.low >= 0.0) {
+            return Err(invalid(
+                "locality.spillOver.low".to_string(),
+                format!(
+                    "expected a number of waiting calls per endpoint, 0 or more, found {}",
+                    band.low
+                ),
+            ));
+        }
+        if !(band.high.is_finite() && band.high > band.low) {
+            return Err(invalid(
+                "locality.spillOver.high".to_string(),
+                format!(
+                    "expected a number above low ({}): the band needs room to stop flapping, found {}",
+                    band.low, band.high
+                ),
+            ));
+        }
+        let mut seen = HashSet::new();
+        for (index, tier) in self.locality.tiers.iter().enumerate() {
+            if !seen.insert(*tier) {
+                return Err(invalid(
+                    format!("locality.tiers[{index}]"),
+                    format!("{} appears twice", tier.as_str()),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,6 +4,7 @@
 
 pub mod discovery;
 pub mod ranking;
+pub mod spill;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -23,12 +24,12 @@ pub struct Endpoint {
     pub zone: Option<String>,
     /// The node's IP as the pod reports it (`status.hostIP`).
     pub host_ip: Option<IpAddr>,
-}
     /// The pod's Kubernetes service account as `<namespace>/<name>` (discovery only): with a
     /// trust domain it gives the identity the pod must present.
     pub service_account: Option<String>,
     /// The SPIFFE identity the peer must present; `None`: any peer of the CA.
     pub identity: Option<String>,
+}
 
 /// A snapshot of an upstream's endpoints.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -40,7 +41,6 @@ pub struct EndpointSet {
 
 pub type EndpointWatch = watch::Receiver<Arc<EndpointSet>>;
 
-/// A fixed list from the config file: synced from the start and never changing.
 /// Sets each endpoint's expected identity from its service account, in `trust_domain`, as
 /// SPIFFE's Kubernetes form `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`.
 /// An endpoint without a known service account keeps what it had.
@@ -59,6 +59,7 @@ pub fn with_identities(mut set: EndpointSet, trust_domain: &str) -> EndpointSet 
     set
 }
 
+/// A fixed list from the config file: synced from the start and never changing.
 pub fn static_endpoints(list: &[StaticEndpoint]) -> EndpointWatch {
     let endpoints = list
         .iter()
@@ -71,9 +72,9 @@ pub fn static_endpoints(list: &[StaticEndpoint]) -> EndpointWatch {
             node: entry.node.clone(),
             zone: entry.zone.clone(),
             host_ip: None,
-        })
             service_account: None,
             identity: entry.identity.clone(),
+        })
         .collect();
     // The sender goes out of scope at once: readers keep the last value, which never changes.
     let (_sender, receiver) = watch::channel(Arc::new(EndpointSet {

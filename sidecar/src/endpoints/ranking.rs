@@ -1,7 +1,9 @@
 //! Picking the endpoint for one attempt: rank the upstream's endpoints into locality tiers
-//! (same node, same zone, anywhere, in the configured order), then balance within the best
-//! non-empty tier by power-of-two-choices on calls in flight, so a slow pod, which accumulates
-//! in-flight calls, gets fewer new ones instead of a full round-robin share.
+//! (same node, same zone, anywhere, in the configured order); take the best non-empty tier,
+//! plus the next ones while the load spills over ([`crate::endpoints::spill`]); and balance
+//! among those candidates by power-of-two-choices on cost (calls waiting for an answer times
+//! peak-EWMA latency), so a slow or saturated pod gets fewer new calls instead of a full
+//! round-robin share.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -11,7 +13,8 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
-use crate::config::{OutlierDetection, Tier};
+use crate::config::{LocalityConfig, OutlierDetection, Tier};
+use crate::endpoints::spill::{self, SpillBand, SpillMemory};
 use crate::endpoints::{Endpoint, EndpointSet, EndpointWatch};
 
 /// Where this sidecar runs, from the downward API.
@@ -66,7 +69,15 @@ fn now_nanos() -> u64 {
 /// Live load and health of one endpoint, shared by every call that uses it.
 #[derive(Debug, Default)]
 pub struct EndpointLoad {
+    /// Calls using it, from the first byte sent until the response ends (streams included).
     in_flight: AtomicUsize,
+    /// Attempts sent and not answered yet: queued or being served. Open streams that already
+    /// answered are not load, so the spill decision and balancing count this instead.
+    waiting: AtomicUsize,
+    /// Peak-EWMA of the time to response headers, in nanoseconds; 0 before the first answer.
+    latency_nanos: AtomicU64,
+    /// `now_nanos()` of the last latency update.
+    latency_stamp: AtomicU64,
     consecutive_failures: AtomicU32,
     /// How many times it has been ejected in a row (ejections grow with it).
     ejections: AtomicU32,
@@ -79,6 +90,39 @@ impl EndpointLoad {
         self.in_flight.load(Ordering::Relaxed)
     }
 
+    /// Attempts waiting for their response headers.
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::Relaxed)
+    }
+
+    /// The latency estimate now: the peak-EWMA, decayed by the time since its last update so
+    /// an endpoint that stopped getting calls after a slow spell looks cheaper again and gets
+    /// probed, instead of being shunned for ever.
+    pub fn latency(&self) -> Option<Duration> {
+        let nanos = self.latency_nanos.load(Ordering::Relaxed);
+        if nanos == 0 {
+            return None;
+        }
+        let idle = now_nanos().saturating_sub(self.latency_stamp.load(Ordering::Relaxed));
+        let decay = (-(idle as f64) / spill::LATENCY_DECAY.as_nanos() as f64).exp();
+        Some(Duration::from_nanos((nanos as f64 * decay) as u64))
+    }
+
+    fn record_latency(&self, sample: Duration) {
+        let now = now_nanos();
+        let previous = self.latency_nanos.load(Ordering::Relaxed);
+        let estimate = (previous != 0).then(|| Duration::from_nanos(previous));
+        let elapsed =
+            Duration::from_nanos(now.saturating_sub(self.latency_stamp.load(Ordering::Relaxed)));
+        let next = spill::peak_ewma(estimate, sample, elapsed);
+        // Racing updates may lose one sample; an estimate does not need every one.
+        self.latency_nanos.store(
+            u64::try_from(next.as_nanos()).unwrap_or(u64::MAX).max(1),
+            Ordering::Relaxed,
+        );
+        self.latency_stamp.store(now, Ordering::Relaxed);
+    }
+
     pub fn is_ejected(&self) -> bool {
         self.ejected_until.load(Ordering::Relaxed) > now_nanos()
     }
@@ -89,13 +133,34 @@ impl EndpointLoad {
     }
 }
 
-/// Counts a call against its endpoint until dropped (when the response body ends).
+/// Counts a call against its endpoint until dropped (when the response body ends), and as
+/// waiting until [`InFlight::answered`].
 #[derive(Debug)]
-pub struct InFlight(Arc<EndpointLoad>);
+pub struct InFlight {
+    load: Arc<EndpointLoad>,
+    started: Instant,
+    waiting: bool,
+}
+
+impl InFlight {
+    /// Response headers arrived: the call no longer waits, and its latency feeds the estimate.
+    pub fn answered(&mut self) {
+        if std::mem::take(&mut self.waiting) {
+            self.load.waiting.fetch_sub(1, Ordering::Relaxed);
+            self.load.record_latency(self.started.elapsed());
+        }
+    }
+}
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.load.in_flight.fetch_sub(1, Ordering::Relaxed);
+        if self.waiting {
+            self.load.waiting.fetch_sub(1, Ordering::Relaxed);
+            // Abandoned unanswered (timed out, cancelled, failed): it took at least this long,
+            // which is what a peak estimate wants to hear about a pod that stopped answering.
+            self.load.record_latency(self.started.elapsed());
+        }
     }
 }
 
@@ -109,7 +174,61 @@ pub struct RankedEndpoint {
 impl RankedEndpoint {
     pub fn start_call(&self) -> InFlight {
         self.load.in_flight.fetch_add(1, Ordering::Relaxed);
-        InFlight(self.load.clone())
+        self.load.waiting.fetch_add(1, Ordering::Relaxed);
+        InFlight {
+            load: self.load.clone(),
+            started: Instant::now(),
+            waiting: true,
+        }
+    }
+
+    fn cost(&self, other: &RankedEndpoint) -> f64 {
+        // Without an estimate of its own, an endpoint is judged at the other's latency: equal
+        // footing, so waiting calls decide.
+        let own = self.load.latency();
+        let reference = own
+            .or_else(|| other.load.latency())
+            .unwrap_or(Duration::from_millis(1));
+        spill::cost(self.load.waiting(), own, reference)
+    }
+}
+
+/// The spill state of one upstream, kept across re-rankings.
+#[derive(Debug, Default)]
+pub struct SpillState {
+    memory: Mutex<SpillMemory>,
+}
+
+/// Load and spill of one upstream at a moment, for the admin view and metrics.
+#[derive(Debug, Clone)]
+pub struct SpillView {
+    pub enabled: bool,
+    pub low: f64,
+    pub high: f64,
+    /// Tiers beyond the best available one taking calls now.
+    pub depth: usize,
+    /// The smoothed offered load: attempts waiting for an answer.
+    pub offered: f64,
+    /// Per configured tier: (tier, healthy endpoints, waiting calls, candidate now).
+    pub tiers: Vec<TierLoad>,
+}
+
+#[derive(Debug, Clone)]
+pub struct TierLoad {
+    pub tier: Tier,
+    pub healthy: usize,
+    pub waiting: usize,
+    pub candidate: bool,
+}
+
+impl TierLoad {
+    /// Waiting calls per healthy endpoint (0 for a tier without healthy endpoints).
+    pub fn per_endpoint(&self) -> f64 {
+        if self.healthy == 0 {
+            0.0
+        } else {
+            self.waiting as f64 / self.healthy as f64
+        }
     }
 }
 
@@ -118,6 +237,11 @@ impl RankedEndpoint {
 pub struct Ranking {
     pub tiers: Vec<(Tier, Vec<Arc<RankedEndpoint>>)>,
     pub synced: bool,
+    pub band: SpillBand,
+    /// Shared with the rankings before and after this one: spill-over outlives endpoint churn.
+    spill: Arc<SpillState>,
+    /// For the spill transitions' log lines and metrics.
+    upstream: Arc<str>,
     /// Held while deciding an ejection, so two endpoints failing at once cannot both pass the
     /// `maxEjectionPercent` check.
     ejecting: Mutex<()>,
@@ -133,9 +257,10 @@ impl Ranking {
     pub fn rank(
         set: &EndpointSet,
         locality: &Locality,
-        order: &[Tier],
+        settings: &LocalityConfig,
         previous: &Ranking,
     ) -> Ranking {
+        let order = &settings.tiers;
         let known: HashMap<SocketAddr, &Arc<EndpointLoad>> = previous
             .endpoints()
             .map(|ranked| (ranked.endpoint.address, &ranked.load))
@@ -161,56 +286,184 @@ impl Ranking {
         Ranking {
             tiers,
             synced: set.synced,
+            band: settings.band(),
+            spill: previous.spill.clone(),
+            upstream: previous.upstream.clone(),
             ejecting: Mutex::new(()),
+        }
+    }
+
+    /// An empty ranking for `upstream`, the `previous` of its first real one.
+    pub fn named(upstream: &str) -> Ranking {
+        Ranking {
+            upstream: upstream.into(),
+            ..Ranking::default()
+        }
+    }
+
+    /// Healthy (not ejected) endpoints and waiting calls per configured tier.
+    fn tier_loads(&self) -> Vec<TierLoad> {
+        self.tiers
+            .iter()
+            .map(|(tier, members)| TierLoad {
+                tier: *tier,
+                healthy: members.iter().filter(|m| !m.load.is_ejected()).count(),
+                waiting: members.iter().map(|m| m.load.waiting()).sum(),
+                candidate: false,
+            })
+            .collect()
+    }
+
+    /// Folds the current load into the spill state; returns how many tiers beyond the best
+    /// available one take calls.
+    fn spill_depth(&self) -> usize {
+        if !self.band.enabled {
+            return 0;
+        }
+        let loads = self.tier_loads();
+        let offered: usize = loads.iter().map(|load| load.waiting).sum();
+        let available: Vec<usize> = loads
+            .iter()
+            .map(|load| load.healthy)
+            .filter(|healthy| *healthy > 0)
+            .collect();
+        let mut memory = self
+            .spill
+            .memory
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let before = memory.depth;
+        let depth = spill::step(
+            &mut memory,
+            self.band,
+            offered as f64,
+            &available,
+            Instant::now(),
+        );
+        let smoothed = memory.smoothed;
+        drop(memory);
+        if depth != before {
+            self.log_spill(before, depth, smoothed, &available);
+        }
+        depth
+    }
+
+    fn log_spill(&self, before: usize, depth: usize, offered: f64, available: &[usize]) {
+        let direction = if depth > before { "out" } else { "back" };
+        crate::metrics::metrics()
+            .spill_changes
+            .get_or_create(&crate::metrics::SpillLabels {
+                upstream: self.upstream.clone(),
+                direction,
+            })
+            .inc();
+        let per_endpoint = spill::load_per_endpoint(offered, available, before + 1);
+        tracing::info!(
+            upstream = %self.upstream,
+            tiers_taking_calls = depth + 1,
+            load_per_endpoint = per_endpoint,
+            low = self.band.low,
+            high = self.band.high,
+            "{}",
+            if depth > before {
+                "load above the band: the next tier joins the candidates"
+            } else {
+                "load below the band: the farthest tier leaves the candidates"
+            }
+        );
+    }
+
+    /// Load and spill now, for the admin view.
+    pub fn spill_view(&self) -> SpillView {
+        let memory = *self
+            .spill
+            .memory
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let depth = if self.band.enabled { memory.depth } else { 0 };
+        let mut tiers = self.tier_loads();
+        let mut joined = 0;
+        for load in &mut tiers {
+            if load.healthy > 0 && joined <= depth {
+                load.candidate = true;
+                joined += 1;
+            }
+        }
+        SpillView {
+            enabled: self.band.enabled,
+            low: self.band.low,
+            high: self.band.high,
+            depth,
+            offered: memory.smoothed,
+            tiers,
         }
     }
 
     /// The endpoint for an attempt: never one this call already tried while another remains,
     /// and never an ejected one while a healthy one remains; the best tier first.
     pub fn pick_for_attempt(&self, tried: &[SocketAddr]) -> Option<Arc<RankedEndpoint>> {
-        self.pick_among(tried, true)
-            .or_else(|| self.pick_among(tried, false))
-            .or_else(|| self.pick_among(&[], true))
-            .or_else(|| self.pick_among(&[], false))
+        let depth = self.spill_depth();
+        self.pick_among(tried, true, depth)
+            .or_else(|| self.pick_among(tried, false, depth))
+            .or_else(|| self.pick_among(&[], true, depth))
+            .or_else(|| self.pick_among(&[], false, depth))
     }
 
-    /// The best tier that still has endpoints not in `exclude` (nor ejected, with
-    /// `skip_ejected`), and within it the less loaded of two random candidates.
+    /// The best tier that still has endpoints not in `exclude` (with the next ones while the
+    /// load spills over), and among them the cheaper of two random candidates.
     pub fn pick(&self, exclude: &[SocketAddr]) -> Option<Arc<RankedEndpoint>> {
-        self.pick_among(exclude, false)
+        let depth = self.spill_depth();
+        self.pick_among(exclude, false, depth)
     }
 
+    /// Candidates are the first `depth + 1` tiers that have endpoints not in `exclude` (nor
+    /// ejected, with `skip_ejected`).
     fn pick_among(
         &self,
         exclude: &[SocketAddr],
         skip_ejected: bool,
+        depth: usize,
     ) -> Option<Arc<RankedEndpoint>> {
+        let mut candidates: Vec<&Arc<RankedEndpoint>> = Vec::new();
+        let mut tiers_joined = 0;
         for (_, members) in &self.tiers {
-            let candidates: Vec<&Arc<RankedEndpoint>> = members
-                .iter()
-                .filter(|ranked| !exclude.contains(&ranked.endpoint.address))
-                .filter(|ranked| !skip_ejected || !ranked.load.is_ejected())
-                .collect();
-            match candidates.len() {
-                0 => continue,
-                1 => return Some(candidates[0].clone()),
-                n => {
-                    let first = fastrand::usize(..n);
-                    let mut second = fastrand::usize(..n - 1);
-                    if second >= first {
-                        second += 1;
-                    }
-                    let (a, b) = (candidates[first], candidates[second]);
-                    let winner = if b.load.in_flight() < a.load.in_flight() {
-                        b
-                    } else {
-                        a
-                    };
-                    return Some(winner.clone());
+            let before = candidates.len();
+            candidates.extend(
+                members
+                    .iter()
+                    .filter(|ranked| !exclude.contains(&ranked.endpoint.address))
+                    .filter(|ranked| !skip_ejected || !ranked.load.is_ejected()),
+            );
+            if candidates.len() > before {
+                tiers_joined += 1;
+                if tiers_joined > depth {
+                    break;
                 }
             }
         }
-        None
+        match candidates.len() {
+            0 => None,
+            1 => Some(candidates[0].clone()),
+            n => {
+                let first = fastrand::usize(..n);
+                let mut second = fastrand::usize(..n - 1);
+                if second >= first {
+                    second += 1;
+                }
+                Some(cheaper(candidates[first], candidates[second]).clone())
+            }
+        }
+    }
+}
+
+/// The endpoint that costs less to send one more call to; calls in flight (streams included)
+/// break a tie, so equally idle pods still share long-lived streams evenly.
+fn cheaper<'a>(a: &'a Arc<RankedEndpoint>, b: &'a Arc<RankedEndpoint>) -> &'a Arc<RankedEndpoint> {
+    let (cost_a, cost_b) = (a.cost(b), b.cost(a));
+    if cost_b < cost_a || (cost_b == cost_a && b.load.in_flight() < a.load.in_flight()) {
+        b
+    } else {
+        a
     }
 }
 
@@ -284,15 +537,16 @@ pub type LocalityWatch = watch::Receiver<Locality>;
 /// Keeps a ranking up to date with an endpoint source, our own locality and the configured tier
 /// order (which live config may change), re-ranking on every change of any of them.
 pub fn spawn_ranking(
+    upstream: &str,
     mut source: EndpointWatch,
     mut locality: LocalityWatch,
-    mut tiers: watch::Receiver<Vec<Tier>>,
+    mut tiers: watch::Receiver<LocalityConfig>,
 ) -> RankingWatch {
     let initial = Ranking::rank(
         &source.borrow_and_update(),
         &locality.borrow_and_update(),
         &tiers.borrow_and_update(),
-        &Ranking::default(),
+        &Ranking::named(upstream),
     );
     let (sender, receiver) = watch::channel(Arc::new(initial));
     tokio::spawn(async move {
@@ -329,6 +583,8 @@ mod tests {
             node: Some(node.to_string()),
             zone: Some(zone.to_string()),
             host_ip: None,
+            service_account: None,
+            identity: None,
         }
     }
 
@@ -352,11 +608,20 @@ mod tests {
         }
     }
 
-    const ALL: [Tier; 3] = [Tier::Node, Tier::Zone, Tier::Any];
+    fn only(tiers: &[Tier]) -> LocalityConfig {
+        LocalityConfig {
+            tiers: tiers.to_vec(),
+            ..LocalityConfig::default()
+        }
+    }
+
+    fn all() -> LocalityConfig {
+        only(&[Tier::Node, Tier::Zone, Tier::Any])
+    }
 
     #[test]
     fn same_node_first_then_zone_then_any() {
-        let ranking = Ranking::rank(&set(), &here(), &ALL, &Ranking::default());
+        let ranking = Ranking::rank(&set(), &here(), &all(), &Ranking::default());
         let port = |exclude: &[u16]| {
             let exclude: Vec<SocketAddr> = exclude
                 .iter()
@@ -377,13 +642,13 @@ mod tests {
         let mut set = set();
         set.endpoints[1].host_ip = Some("10.0.0.9".parse().unwrap());
         set.endpoints[0].host_ip = Some("10.0.0.1".parse().unwrap());
-        let ranking = Ranking::rank(&set, &ours, &ALL, &Ranking::default());
+        let ranking = Ranking::rank(&set, &ours, &all(), &Ranking::default());
         assert_eq!(ranking.pick(&[]).unwrap().endpoint.address.port(), 2);
     }
 
     #[test]
     fn tiers_not_configured_are_never_used() {
-        let ranking = Ranking::rank(&set(), &here(), &[Tier::Node], &Ranking::default());
+        let ranking = Ranking::rank(&set(), &here(), &only(&[Tier::Node]), &Ranking::default());
         let exclude = [SocketAddr::from(([127, 0, 0, 1], 1))];
         assert!(ranking.pick(&exclude).is_none());
     }
@@ -395,7 +660,7 @@ mod tests {
         for e in &mut set.endpoints {
             e.node = Some("x".to_string());
         }
-        let ranking = Ranking::rank(&set, &here(), &ALL, &Ranking::default());
+        let ranking = Ranking::rank(&set, &here(), &all(), &Ranking::default());
         let busy = ranking
             .endpoints()
             .find(|r| r.endpoint.address.port() == 1)
@@ -408,7 +673,7 @@ mod tests {
 
     #[test]
     fn repeated_failures_eject_within_the_allowed_share() {
-        let ranking = Ranking::rank(&set(), &here(), &ALL, &Ranking::default());
+        let ranking = Ranking::rank(&set(), &here(), &all(), &Ranking::default());
         let policy = OutlierDetection {
             consecutive_failures: 2,
             max_ejection_percent: 25,
@@ -437,7 +702,7 @@ mod tests {
 
     #[test]
     fn a_success_ends_the_failure_streak() {
-        let ranking = Ranking::rank(&set(), &here(), &ALL, &Ranking::default());
+        let ranking = Ranking::rank(&set(), &here(), &all(), &Ranking::default());
         let policy = OutlierDetection {
             consecutive_failures: 2,
             ..OutlierDetection::default()
@@ -451,9 +716,9 @@ mod tests {
 
     #[test]
     fn load_counters_survive_a_re_rank() {
-        let first = Ranking::rank(&set(), &here(), &ALL, &Ranking::default());
+        let first = Ranking::rank(&set(), &here(), &all(), &Ranking::default());
         let held = first.pick(&[]).unwrap().start_call();
-        let second = Ranking::rank(&set(), &here(), &ALL, &first);
+        let second = Ranking::rank(&set(), &here(), &all(), &first);
         assert_eq!(second.pick(&[]).unwrap().load.in_flight(), 1);
         drop(held);
         assert_eq!(second.pick(&[]).unwrap().load.in_flight(), 0);
@@ -473,7 +738,7 @@ mod tests {
 
     #[test]
     fn concurrent_failures_never_eject_past_the_share() {
-        let ranking = Arc::new(Ranking::rank(&set(), &here(), &ALL, &Ranking::default()));
+        let ranking = Arc::new(Ranking::rank(&set(), &here(), &all(), &Ranking::default()));
         let policy = OutlierDetection {
             consecutive_failures: 1,
             max_ejection_percent: 50,
@@ -500,7 +765,7 @@ mod tests {
 
     #[test]
     fn ejection_grows_with_repeats_and_is_capped() {
-        let ranking = Ranking::rank(&set(), &here(), &ALL, &Ranking::default());
+        let ranking = Ranking::rank(&set(), &here(), &all(), &Ranking::default());
         let policy = OutlierDetection {
             consecutive_failures: 1,
             base_ejection_time: Duration::from_secs(10),
@@ -538,5 +803,3 @@ mod tests {
         assert!(remaining(&endpoint) <= Duration::from_secs(25), "capped");
     }
 }
-            service_account: None,
-            identity: None,

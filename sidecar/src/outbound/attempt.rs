@@ -143,7 +143,7 @@ pub async fn attempt(
 ) -> AttemptOutcome {
     let upstream = target.upstream;
     let endpoint = target.endpoint.clone();
-    let in_flight = endpoint.start_call();
+    let mut in_flight = endpoint.start_call();
     let label = |reason: &dyn std::fmt::Display| {
         format!(
             "upstream {} endpoint {} ({}): {reason}",
@@ -259,6 +259,7 @@ pub async fn attempt(
         Some(Ok(head)) => head,
     };
     drop(waiting);
+    in_flight.answered();
     let (mut parts, ()) = head.into_parts();
     crate::wire::grpc::strip_hop_by_hop(&mut parts.headers);
     parts.version = http::Version::HTTP_2;

@@ -241,3 +241,117 @@ fn grafana_dashboard_queries_only_the_listed_metrics() {
         .collect();
     assert!(unused.is_empty(), "listed but not queried: {unused:?}");
 }
+
+fn yaml_file(path: &Path) -> serde_yaml_ng::Value {
+    let text = std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    serde_yaml_ng::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// `kubectl apply -k manifests/` deploys what kustomization.yaml lists: a manifest left out of it
+/// is validated above but never reaches a cluster.
+#[test]
+fn kustomization_lists_every_manifest() {
+    let root = repo_root().join("manifests");
+    let kustomization = yaml_file(&root.join("kustomization.yaml"));
+    let listed: BTreeSet<&str> = kustomization["resources"]
+        .as_sequence()
+        .expect("kustomization.yaml has resources")
+        .iter()
+        .filter_map(serde_yaml_ng::Value::as_str)
+        .collect();
+    // Cluster-scoped RBAC the README leaves to the cluster admin on purpose.
+    let left_to_the_admin = ["kustomization.yaml", "rbac-nodes.yaml"];
+    let mut missing = Vec::new();
+    for entry in std::fs::read_dir(&root).expect("read manifests/") {
+        let name = entry.expect("list manifests/").file_name();
+        let name = name.to_string_lossy().into_owned();
+        if name.ends_with(".yaml")
+            && !left_to_the_admin.contains(&name.as_str())
+            && !listed.contains(name.as_str())
+        {
+            missing.push(name);
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "manifests/kustomization.yaml does not list {missing:?}"
+    );
+}
+
+/// One image setting: kustomization.yaml's `images:` entry for the sidecar names exactly the
+/// image `locality-sidecar inject` (and so the webhook, by default) puts in pods, and every
+/// manifest that runs the sidecar image refers to it by that entry's name.
+#[test]
+fn the_sidecar_image_is_set_in_one_place() {
+    let root = repo_root().join("manifests");
+    let kustomization = yaml_file(&root.join("kustomization.yaml"));
+    let images = kustomization["images"]
+        .as_sequence()
+        .expect("kustomization.yaml has an images: list");
+    let sidecar = images
+        .iter()
+        .find(|image| {
+            image["name"]
+                .as_str()
+                .is_some_and(|name| name.ends_with("/locality-sidecar"))
+        })
+        .expect("an images: entry for the locality-sidecar image");
+    let name = sidecar["name"].as_str().unwrap_or_default();
+    let configured = format!(
+        "{}:{}",
+        sidecar["newName"].as_str().unwrap_or(name),
+        sidecar["newTag"]
+            .as_str()
+            .expect("the sidecar's images: entry has a newTag")
+    );
+
+    let pod = "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec: {containers: [{name: app, image: app}]}\n";
+    let mut child = Command::new(sidecar_binary())
+        .args(["inject", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("run locality-sidecar inject");
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .expect("inject's stdin")
+        .write_all(pod.as_bytes())
+        .expect("write to inject");
+    let output = child.wait_with_output().expect("wait for inject");
+    assert!(output.status.success(), "inject failed: {output:?}");
+    let injected: serde_yaml_ng::Value =
+        serde_yaml_ng::from_slice(&output.stdout).expect("inject prints YAML");
+    let default_image = injected["spec"]["initContainers"][0]["image"]
+        .as_str()
+        .expect("the injected sidecar has an image");
+    assert_eq!(
+        default_image, configured,
+        "inject's default --image and kustomization.yaml's images: entry must name the same image"
+    );
+
+    // Manifests name the image by the entry's name, so kustomize rewrites every one.
+    let mut references = 0;
+    for file in ["example-app.yaml", "webhook.yaml"] {
+        let text = std::fs::read_to_string(root.join(file)).expect("read a manifest");
+        for line in text.lines() {
+            let line = line.trim();
+            if let Some(image) = line.strip_prefix("image:") {
+                let image = image.trim();
+                if image.contains("locality-sidecar:") {
+                    references += 1;
+                    assert!(
+                        image.starts_with(&format!("{name}:")),
+                        "{file}: {image} is not the images: entry {name}"
+                    );
+                }
+            }
+        }
+    }
+    assert!(
+        references >= 2,
+        "expected the sidecar image in example-app.yaml and webhook.yaml"
+    );
+}

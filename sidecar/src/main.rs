@@ -1,4 +1,4 @@
-//! The `locality-sidecar` command line: `run`, `inject`, `check-config` and `certs`.
+//! The `locality-sidecar` command line: `run`, `inject`, `webhook`, `check-config` and `certs`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -83,6 +83,40 @@ enum Command {
         #[arg(long)]
         service_account: Option<String>,
     },
+    /// Serve the mutating admission webhook (HTTPS, `POST /mutate`): pods annotated
+    /// `locality-sidecar.io/inject: enabled` get the sidecar `inject` adds.
+    Webhook {
+        /// Address to serve HTTPS on.
+        #[arg(
+            long,
+            env = "LOCALITY_SIDECAR_WEBHOOK_LISTEN",
+            default_value = "0.0.0.0:8443"
+        )]
+        listen: std::net::SocketAddr,
+        /// The serving certificate (PEM chain); re-read when the file changes.
+        #[arg(long, env = "LOCALITY_SIDECAR_WEBHOOK_CERT")]
+        cert: PathBuf,
+        /// The serving certificate's private key (PEM); re-read when the file changes.
+        #[arg(long, env = "LOCALITY_SIDECAR_WEBHOOK_KEY")]
+        key: PathBuf,
+        /// The sidecar image injected (annotation `locality-sidecar.io/image` overrides).
+        #[arg(long, env = "LOCALITY_SIDECAR_IMAGE", default_value = locality_sidecar::tools::inject::DEFAULT_IMAGE)]
+        image: String,
+        /// Default ConfigMap (annotation `locality-sidecar.io/configmap` overrides).
+        #[arg(long, default_value = locality_sidecar::tools::inject::DEFAULT_CONFIGMAP)]
+        configmap: String,
+        /// Default TLS Secret (annotation `locality-sidecar.io/secret` overrides).
+        #[arg(long, default_value = locality_sidecar::tools::inject::DEFAULT_SECRET)]
+        secret: String,
+        /// Log format; the level comes from RUST_LOG (default info).
+        #[arg(
+            long,
+            env = "LOCALITY_SIDECAR_LOG_FORMAT",
+            value_enum,
+            default_value = "text"
+        )]
+        log_format: LogFormat,
+    },
     /// Write a development CA and a peer certificate (ca.crt, ca.key, tls.crt, tls.key).
     Certs {
         /// Output directory.
@@ -97,6 +131,9 @@ enum Command {
         /// The certificate's common name.
         #[arg(long, default_value = "locality-sidecar")]
         common_name: String,
+        /// A SPIFFE workload identity URI SAN, spiffe://<trust-domain>/ns/<namespace>/sa/<service-account> (repeatable).
+        #[arg(long = "identity")]
+        identities: Vec<String>,
     },
 }
 
@@ -131,9 +168,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 service_account,
             };
             let (input, origin) = if file == "-" {
-        /// A SPIFFE workload identity URI SAN, spiffe://<trust-domain>/ns/<namespace>/sa/<service-account> (repeatable).
-        #[arg(long = "identity")]
-        identities: Vec<String>,
                 let mut input = String::new();
                 std::io::stdin()
                     .read_to_string(&mut input)
@@ -153,6 +187,41 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .context("cannot write to standard output")?;
             Ok(())
         }
+        Command::Webhook {
+            listen,
+            cert,
+            key,
+            image,
+            configmap,
+            secret,
+            log_format,
+        } => {
+            init_logging(log_format);
+            locality_sidecar::wire::tls::install_crypto_provider();
+            let defaults = locality_sidecar::tools::inject::InjectOptions {
+                image,
+                configmap,
+                secret,
+                ..Default::default()
+            };
+            let options = locality_sidecar::tools::webhook::WebhookOptions {
+                listen,
+                cert,
+                key,
+                defaults,
+            };
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .context("cannot start the async runtime")?
+                .block_on(async move {
+                    tokio::select! {
+                        served = locality_sidecar::tools::webhook::serve(options) => Ok(served?),
+                        signal = wait_for_signal() => signal,
+                    }
+                })
+        }
         Command::CheckConfig { file } => {
             Config::load(&file)?;
             eprintln!("{}: ok", file.display());
@@ -163,12 +232,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             names,
             ca,
             common_name,
+            identities,
         } => {
             let written = write_dev_certs(&CertRequest {
                 out,
                 extra_names: names,
                 existing_ca: ca,
                 common_name,
+                identities,
             })?;
             for path in written {
                 eprintln!("wrote {}", path.display());
@@ -232,11 +303,9 @@ fn init_logging(format: LogFormat) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-            identities,
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
 }
-                identities,

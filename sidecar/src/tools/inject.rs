@@ -36,7 +36,14 @@ use serde_yaml_ng::{Mapping, Value};
 
 /// The sidecar container's name, in `initContainers`.
 pub const SIDECAR_NAME: &str = "locality-sidecar";
-pub const DEFAULT_IMAGE: &str = "ghcr.io/locality-sidecar/locality-sidecar:0.1.0";
+/// The image `inject` and `webhook` put in pods unless told otherwise: the name the README's
+/// push step publishes `integration/build-image.sh`'s `localhost/locality-sidecar:<version>`
+/// under. manifests/kustomization.yaml's `images:` entry names the same reference (a test
+/// checks), so changing registries is one edit there plus `--image`.
+pub const DEFAULT_IMAGE: &str = concat!(
+    "ghcr.io/locality-sidecar/locality-sidecar:",
+    env!("CARGO_PKG_VERSION")
+);
 pub const DEFAULT_CONFIGMAP: &str = "locality-sidecar";
 pub const DEFAULT_SECRET: &str = "locality-sidecar-tls";
 /// Where the ConfigMap is mounted; its key `config.yaml` is the sidecar's config file.
@@ -102,6 +109,9 @@ pub enum InjectError {
         object: String,
         message: String,
     },
+    /// A single pod (the admission webhook's input) that cannot take the sidecar.
+    #[error("{object}: {message}")]
+    Pod { object: String, message: String },
 }
 
 /// Adds the sidecar to every pod template in `input` (multi-document YAML or JSON) and returns
@@ -134,6 +144,26 @@ pub fn inject_documents(input: &str, options: &InjectOptions) -> Result<String, 
         rendered.push(text);
     }
     Ok(rendered.join("---\n"))
+}
+
+/// Adds the sidecar to one Pod object (its `metadata` and `spec`), as [`inject_documents`] does
+/// for a Pod document: the admission webhook's entry point, which receives pods one at a time.
+/// Idempotent: a pod that already has the sidecar comes back unchanged. The error names the
+/// field path and what is wrong there.
+pub fn inject_pod(pod: &mut Value, options: &InjectOptions) -> Result<(), InjectError> {
+    validate_options(options)?;
+    let sidecar = sidecar_container(options);
+    let label = object_label(pod);
+    let Value::Mapping(template) = pod else {
+        return Err(InjectError::Pod {
+            object: label,
+            message: Problem::expected("", "a Pod (a mapping)", Some(pod)).to_string(),
+        });
+    };
+    inject_template(template, "", options, &sidecar).map_err(|problem| InjectError::Pod {
+        object: label,
+        message: problem.to_string(),
+    })
 }
 
 /// One thing wrong at one field path of an object.

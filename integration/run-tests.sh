@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 echo "== installing test peers (Python grpcio, Kubernetes schemas)"
-python3 -m pip install --quiet --disable-pip-version-check grpcio grpcio-tools kubernetes-validate
+python3 -m pip install --quiet --disable-pip-version-check grpcio grpcio-tools kubernetes-validate cryptography aioquic
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check

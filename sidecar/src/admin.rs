@@ -13,7 +13,7 @@ use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 
-use crate::endpoints::ranking::RankingWatch;
+use crate::endpoints::ranking::{RankingWatch, SpillView};
 
 /// The status page: one file with its styles and script inline, so it works offline.
 const STATUS_PAGE: &str = include_str!("status_page.html");
@@ -129,6 +129,20 @@ fn refresh_gauges(state: &AdminState) {
             .ejected_endpoints
             .get_or_create(&crate::metrics::upstream(name.clone()))
             .set(ranking.ejected() as i64);
+        let spill = ranking.spill_view();
+        metrics
+            .spill_depth
+            .get_or_create(&crate::metrics::upstream(name.clone()))
+            .set(spill.depth as i64);
+        for load in &spill.tiers {
+            metrics
+                .tier_load
+                .get_or_create(&crate::metrics::TierLabels {
+                    upstream: name.clone(),
+                    tier: load.tier.as_str(),
+                })
+                .set(load.per_endpoint());
+        }
         for (tier, members) in &ranking.tiers {
             metrics
                 .endpoints
@@ -172,6 +186,7 @@ fn endpoints_view(state: &AdminState) -> serde_json::Value {
         .iter()
         .map(|(name, ranking)| {
             let ranking = ranking.borrow().clone();
+            let spill = ranking.spill_view();
             let endpoints: Vec<serde_json::Value> = ranking
                 .endpoints()
                 .map(|ranked| {
@@ -184,14 +199,67 @@ fn endpoints_view(state: &AdminState) -> serde_json::Value {
                         "hostIP": endpoint.host_ip.map(|ip| ip.to_string()),
                         "tier": ranked.tier.as_str(),
                         "inFlight": ranked.load.in_flight(),
+                        "waiting": ranked.load.waiting(),
+                        "latencyMs": ranked.load.latency().map(|l| l.as_secs_f64() * 1000.0),
+                        "candidate": spill.tiers.iter().any(|t| t.tier == ranked.tier && t.candidate),
                         "ejected": ranked.load.is_ejected(),
                     })
                 })
                 .collect();
-            serde_json::json!({"upstream": &**name, "synced": ranking.synced, "endpoints": endpoints})
+            serde_json::json!({
+                "upstream": &**name,
+                "synced": ranking.synced,
+                "spill": spill_json(&spill),
+                "endpoints": endpoints,
+            })
         })
         .collect();
     serde_json::json!({ "upstreams": upstreams })
+}
+
+/// The spill-over state and why: which tiers take calls, and the load that put them there.
+fn spill_json(spill: &SpillView) -> serde_json::Value {
+    let state = if !spill.enabled {
+        "strict"
+    } else if spill.depth == 0 {
+        "local"
+    } else {
+        "spilling"
+    };
+    let tiers: Vec<serde_json::Value> = spill
+        .tiers
+        .iter()
+        .map(|load| {
+            serde_json::json!({
+                "tier": load.tier.as_str(),
+                "healthy": load.healthy,
+                "waiting": load.waiting,
+                "loadPerEndpoint": load.per_endpoint(),
+                "candidate": load.candidate,
+            })
+        })
+        .collect();
+    let reason = if !spill.enabled {
+        "locality.strict: the best tier takes every call while it has a healthy endpoint".to_string()
+    } else if spill.depth == 0 {
+        format!(
+            "load {:.2} waiting calls stays under the high mark {} per endpoint of the best tier",
+            spill.offered, spill.high
+        )
+    } else {
+        format!(
+            "load {:.2} waiting calls went above {} per endpoint; the next tier leaves once it would stay under {}",
+            spill.offered, spill.high, spill.low
+        )
+    };
+    serde_json::json!({
+        "state": state,
+        "extraTiers": spill.depth,
+        "offeredLoad": spill.offered,
+        "band": {"low": spill.low, "high": spill.high},
+        "reason": reason,
+        "tiers": tiers,
+    })
 }
 
 /// What the status page shows: per upstream the `/endpoints` snapshot (all of its fields) with

@@ -46,6 +46,13 @@ pub struct TierLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SpillLabels {
+    pub upstream: Arc<str>,
+    /// `out` when a tier joins the candidates, `back` when one leaves.
+    pub direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DirectionLabels {
     /// `outbound` (we dialled) or `inbound` (a peer dialled us).
     pub direction: &'static str,
@@ -71,13 +78,6 @@ pub struct StatusLabels {
     pub status: &'static str,
 }
 
-type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
-
-fn latency_histogram() -> Histogram {
-    // 50 µs to ~26 s in doublings: loopback hops at the bottom, deadlines at the top.
-    Histogram::new(exponential_buckets(0.000_05, 2.0, 20))
-}
-
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
     /// `applied` or `rejected`.
@@ -88,6 +88,13 @@ pub struct ResultLabels {
 pub struct LimitLabels {
     /// Which hostile-peer limit turned something away (see `inbound`).
     pub limit: &'static str,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    // 50 µs to ~26 s in doublings: loopback hops at the bottom, deadlines at the top.
+    Histogram::new(exponential_buckets(0.000_05, 2.0, 20))
 }
 
 pub struct Metrics {
@@ -115,13 +122,12 @@ pub struct Metrics {
     pub discovery_events: Family<DiscoveryLabels, Counter>,
     pub discovery_last_event: Family<UpstreamLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     pub endpoints: Family<TierLabels, Gauge>,
-    seen_methods: Mutex<HashSet<Arc<str>>>,
-    other_method: Arc<str>,
-}
-
-/// Distinct method label values kept before new ones are reported as `other`.
-const MAX_METHODS: usize = 500;
-
+    /// Tiers beyond the best one taking calls because of load (0: strict locality holds).
+    pub spill_depth: Family<UpstreamLabels, Gauge>,
+    /// Tiers joining (`out`) or leaving (`back`) the candidates as load crosses the band.
+    pub spill_changes: Family<SpillLabels, Counter>,
+    /// Calls waiting for an answer per healthy endpoint, by tier: the spill decision's input.
+    pub tier_load: Family<TierLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     /// New certificate sets from the `tls` files, applied or rejected.
     pub tls_reloads: Family<ResultLabels, Counter>,
     /// Seconds until the current leaf certificate expires (negative once it has).
@@ -132,6 +138,13 @@ const MAX_METHODS: usize = 500;
     pub upstream_identity_mismatches: Counter,
     /// Streams and connections turned away by the inbound hostile-peer limits.
     pub inbound_limited: Family<LimitLabels, Counter>,
+    seen_methods: Mutex<HashSet<Arc<str>>>,
+    other_method: Arc<str>,
+}
+
+/// Distinct method label values kept before new ones are reported as `other`.
+const MAX_METHODS: usize = 500;
+
 impl Metrics {
     fn new() -> Metrics {
         let mut registry = Registry::with_prefix("locality_sidecar");
@@ -257,29 +270,6 @@ impl Metrics {
             "Ready endpoints per upstream and locality tier",
             endpoints.clone(),
         );
-        Metrics {
-            registry,
-            calls,
-            attempts,
-            retries,
-            fallthroughs,
-            transparent_retries,
-            retries_throttled,
-            ejections,
-            ejected_endpoints,
-            quic_connections_opened,
-            quic_connections_lost,
-            quic_connections_reset,
-            quic_dead_connections,
-            hedges,
-            hedges_won,
-            call_duration,
-            attempt_duration,
-            inbound_calls,
-            config_reloads,
-            discovery_events,
-            discovery_last_event,
-            endpoints,
         let tls_reloads = Family::default();
         registry.register(
             "tls_reloads",
@@ -310,6 +300,55 @@ impl Metrics {
             "Peer streams and connections turned away by a hostile-peer limit, by limit",
             inbound_limited.clone(),
         );
+        let spill_depth = Family::default();
+        registry.register(
+            "spill_depth",
+            "Locality tiers beyond the best one taking calls because the best one's load is above the band",
+            spill_depth.clone(),
+        );
+        let spill_changes = Family::default();
+        registry.register(
+            "spill_changes",
+            "Times a tier joined (out) or left (back) an upstream's candidates as load crossed the band",
+            spill_changes.clone(),
+        );
+        let tier_load = Family::default();
+        registry.register(
+            "tier_load",
+            "Calls waiting for response headers per healthy endpoint, by upstream and tier",
+            tier_load.clone(),
+        );
+        Metrics {
+            registry,
+            spill_depth,
+            spill_changes,
+            tier_load,
+            tls_reloads,
+            tls_cert_expiry,
+            inbound_denied,
+            upstream_identity_mismatches,
+            inbound_limited,
+            calls,
+            attempts,
+            retries,
+            fallthroughs,
+            transparent_retries,
+            retries_throttled,
+            ejections,
+            ejected_endpoints,
+            quic_connections_opened,
+            quic_connections_lost,
+            quic_connections_reset,
+            quic_dead_connections,
+            hedges,
+            hedges_won,
+            call_duration,
+            attempt_duration,
+            inbound_calls,
+            config_reloads,
+            discovery_events,
+            discovery_last_event,
+            endpoints,
             seen_methods: Mutex::new(HashSet::new()),
             other_method: Arc::from("other"),
         }
@@ -330,11 +369,6 @@ impl Metrics {
             Format::Classic => exposition::to_classic(&self.encode()),
         }
     }
-            tls_reloads,
-            tls_cert_expiry,
-            inbound_denied,
-            upstream_identity_mismatches,
-            inbound_limited,
 
     /// The `method` label for a call path: the path itself while the number of distinct methods
     /// stays small, `other` beyond that, so a client sending random paths cannot blow up the
@@ -372,7 +406,14 @@ impl Metrics {
             drop(family.get_or_create(&labels));
         }
         drop(self.ejected_endpoints.get_or_create(&labels));
+        drop(self.spill_depth.get_or_create(&labels));
         drop(self.call_duration.get_or_create(&labels));
+        for direction in ["out", "back"] {
+            drop(self.spill_changes.get_or_create(&SpillLabels {
+                upstream: name.into(),
+                direction,
+            }));
+        }
         for tier in ["node", "zone", "any"] {
             let labels = TierLabels {
                 upstream: name.into(),
@@ -380,6 +421,7 @@ impl Metrics {
             };
             drop(self.fallthroughs.get_or_create(&labels));
             drop(self.endpoints.get_or_create(&labels));
+            drop(self.tier_load.get_or_create(&labels));
         }
         drop(self.discovery_events.get_or_create(&DiscoveryLabels {
             upstream: name.into(),

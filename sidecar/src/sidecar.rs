@@ -23,7 +23,7 @@ use tokio::task::JoinHandle;
 
 use crate::admin::AdminState;
 use crate::config::live::{Applier, LivePolicy, PolicyWatch};
-use crate::config::{Config, Tier};
+use crate::config::{Config, LocalityConfig};
 use crate::endpoints;
 use crate::endpoints::discovery::{self, DiscoveryError, NodeZones, ServiceRef};
 use crate::endpoints::ranking::{spawn_ranking, Locality};
@@ -254,7 +254,7 @@ async fn build(
         ),
     };
     let (policy_sender, mut policy) = watch::channel(Arc::new(LivePolicy::from_config(config)));
-    let (tiers_sender, tiers) = watch::channel(policy.borrow_and_update().tiers.clone());
+    let (tiers_sender, tiers) = watch::channel(policy.borrow_and_update().locality.clone());
     let tiers_feed = TiersFeed {
         policy: policy.clone(),
         tiers: tiers_sender,
@@ -274,12 +274,13 @@ async fn build(
                 message: "no TLS or no endpoint source".to_string(),
             });
         };
+        let ranking = spawn_ranking(&target.name, source, locality.clone(), tiers.clone());
         upstreams.push(Arc::new(Upstream {
             metrics: UpstreamMetrics::resolve(&target.name),
             name: target.name,
             server_name: target.server_name,
             authority: target.authority,
-            ranking: spawn_ranking(source, locality.clone(), tiers.clone()),
+            ranking,
             pool,
             policy: policy.clone(),
             throttle: RetryThrottle::default(),
@@ -362,7 +363,6 @@ fn endpoint_source(
     }
 }
 
-/// Our namespace: `POD_NAMESPACE` (downward API), else the kubeconfig's default.
 /// The endpoint set of `found` with each pod's expected identity from its service account in
 /// `trust_domain`. The task ends with the discovery feeding it.
 fn expect_identities(
@@ -385,6 +385,7 @@ fn expect_identities(
     receiver
 }
 
+/// Our namespace: `POD_NAMESPACE` (downward API), else the kubeconfig's default.
 fn pod_namespace(client: &kube::Client) -> String {
     std::env::var("POD_NAMESPACE")
         .ok()
@@ -401,11 +402,11 @@ struct ZoneFeed {
     locality: watch::Sender<Locality>,
 }
 
-/// Keeps the tier order, as its own watch, in step with the live policy, so rankings re-rank
-/// only when the tiers change rather than on every config change.
+/// Keeps the locality settings (tier order, spill-over band), as their own watch, in step with
+/// the live policy, so rankings re-rank only when they change rather than on every config change.
 struct TiersFeed {
     policy: PolicyWatch,
-    tiers: watch::Sender<Vec<Tier>>,
+    tiers: watch::Sender<LocalityConfig>,
 }
 
 fn spawn(
@@ -468,7 +469,7 @@ fn zone_of(here: &Locality, zones: &BTreeMap<String, String>) -> Option<String> 
 
 async fn follow_tiers(mut feed: TiersFeed) {
     while feed.policy.changed().await.is_ok() {
-        let tiers = feed.policy.borrow_and_update().tiers.clone();
+        let tiers = feed.policy.borrow_and_update().locality.clone();
         feed.tiers.send_if_modified(|current| {
             let changed = *current != tiers;
             *current = tiers;

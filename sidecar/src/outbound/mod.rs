@@ -261,7 +261,10 @@ mod tests {
     #[test]
     fn only_the_h2_preface_is_served_as_h2() {
         assert_eq!(sniff(H2_PREFACE), Sniffed::H2);
-        assert_eq!(sniff(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\x12\x04"), Sniffed::H2);
+        assert_eq!(
+            sniff(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\x12\x04"),
+            Sniffed::H2
+        );
         // A preface still arriving is given the benefit of the doubt; h2 checks the rest.
         assert_eq!(sniff(b"PRI * HT"), Sniffed::H2);
         assert_eq!(sniff(b"GET / HTTP/1.1\r\n"), Sniffed::Other);

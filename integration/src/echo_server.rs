@@ -29,7 +29,7 @@ use std::{
 };
 
 use bytes::{Bytes, BytesMut};
-use futures::Stream;
+use futures::{Stream, StreamExt as _};
 use http::{HeaderMap, HeaderName, HeaderValue};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use hyper::body::Incoming;
@@ -47,6 +47,10 @@ pub const MAX_MESSAGE_SIZE: usize = 64 * 1024 * 1024;
 
 /// Request metadata keys with this prefix are sent back as response headers and as trailers.
 pub const ECHO_METADATA_PREFIX: &str = "x-echo-";
+
+/// Bidi calls carrying this metadata key read their first request before sending response
+/// headers, so a status that request asks for comes trailers-only, before the call commits.
+pub const BIDI_ANSWER_AFTER_FIRST_REQUEST: &str = "echo-answer-after-first-request";
 
 /// ClientStream replies with the concatenated payloads only up to this total; beyond it the
 /// reply payload is empty, so a long client stream cannot make the server buffer without bound.
@@ -67,6 +71,7 @@ pub struct EchoState {
     calls_started: AtomicU64,
     calls_cancelled: AtomicU64,
     stream_bytes: AtomicU64,
+    stream_messages: AtomicU64,
     /// Unary calls served at a time, the rest queue (a pod of limited capacity); none: unlimited.
     capacity: std::sync::Mutex<Option<Arc<tokio::sync::Semaphore>>>,
     /// Extra service time added to every unary call, settable while serving (a pod gone slow).
@@ -91,11 +96,21 @@ impl EchoState {
         self.stream_bytes.load(Ordering::SeqCst)
     }
 
+    /// Request messages received by ClientStream and Bidi calls so far. A message counted here
+    /// went through every proxy in front of the server, so a test can tell how far a request
+    /// stream has got without sleeping.
+    pub fn stream_messages_received(&self) -> u64 {
+        self.stream_messages.load(Ordering::SeqCst)
+    }
+
     /// Serves at most `calls` unary calls at a time (the others wait their turn, as on a pod
     /// with a fixed worker pool); `None` lifts the limit. Applies to calls arriving from now on.
     pub fn limit_capacity(&self, calls: Option<usize>) {
         let semaphore = calls.map(|calls| Arc::new(tokio::sync::Semaphore::new(calls)));
-        *self.capacity.lock().unwrap_or_else(|poison| poison.into_inner()) = semaphore;
+        *self
+            .capacity
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner()) = semaphore;
     }
 
     /// Adds `ms` of service time to every unary call from now on (0: back to normal).
@@ -187,7 +202,8 @@ fn requested_status(req: &EchoRequest, name: &str) -> Option<Status> {
         req.status_message.clone(),
         req.status_details.clone(),
     );
-    if !req.retry_pushback_ms.is_empty() {
+    let pushes_back = req.pushback_on.is_empty() || req.pushback_on.iter().any(|n| n == name);
+    if !req.retry_pushback_ms.is_empty() && pushes_back {
         // A value that is no valid header is a test bug; send none rather than fail the call.
         if let Ok(value) = req.retry_pushback_ms.parse() {
             status
@@ -309,6 +325,7 @@ impl Echo for EchoService {
         // Knobs come from the last request, so a client can decide how the call ends late.
         let mut last = EchoRequest::default();
         while let Some(req) = requests.message().await? {
+            self.state.stream_messages.fetch_add(1, Ordering::SeqCst);
             received += 1;
             if !over_limit {
                 if concatenated.len() + req.payload.len() <= CLIENT_STREAM_CONCAT_LIMIT {
@@ -346,34 +363,59 @@ impl Echo for EchoService {
     ) -> Result<tonic::Response<Self::BidiStream>, Status> {
         let timeout = received_grpc_timeout(request.metadata());
         let attempts = received_previous_attempts(request.metadata());
-        let requests = request.into_inner();
+        let after_first = request
+            .metadata()
+            .contains_key(BIDI_ANSWER_AFTER_FIRST_REQUEST);
+        let mut requests = request.into_inner();
         let name = self.name.clone();
-        // Bidi answers as soon as the call starts (it never waits for a first request), so it
-        // cannot be trailers-only: a request with status_code ends the stream after the replies
-        // sent so far, in trailers.
+        let state = self.state.clone();
+        let reply_to = {
+            let name = name.clone();
+            let timeout = timeout.clone();
+            let attempts = attempts.clone();
+            move |req: &EchoRequest, sequence: u64| EchoReply {
+                payload: reply_payload(req),
+                server: name.to_string(),
+                sequence,
+                received_grpc_timeout: timeout.clone(),
+                received_previous_rpc_attempts: attempts.clone(),
+            }
+        };
+        // Normally bidi answers as soon as the call starts (it never waits for a first
+        // request), so it cannot be trailers-only: a request with status_code ends the stream
+        // after the replies sent so far, in trailers. On request it reads the first request
+        // first, and a status asked for there is a handler error, which tonic sends
+        // trailers-only.
+        let mut first = None;
+        if after_first {
+            if let Some(req) = requests.message().await? {
+                state.stream_messages.fetch_add(1, Ordering::SeqCst);
+                delay(req.delay_ms).await;
+                if let Some(status) = requested_status(&req, &name) {
+                    return Err(status);
+                }
+                first = Some(Ok(reply_to(&req, 0)));
+            }
+        }
+        let next_sequence = u64::from(first.is_some());
         let replies = futures::stream::unfold(
-            (requests, 0u64, false),
+            (requests, next_sequence, false),
             move |(mut requests, sequence, finished)| {
                 let name = name.clone();
-                let timeout = timeout.clone();
-                let attempts = attempts.clone();
+                let state = state.clone();
+                let reply_to = reply_to.clone();
                 async move {
                     if finished {
                         return None;
                     }
                     match requests.message().await {
                         Ok(Some(req)) => {
+                            state.stream_messages.fetch_add(1, Ordering::SeqCst);
                             delay(req.delay_ms).await;
                             if let Some(status) = requested_status(&req, &name) {
                                 return Some((Err(status), (requests, sequence, true)));
                             }
-                            let reply = EchoReply {
-                                payload: reply_payload(&req),
-                                server: name.to_string(),
-                                sequence,
-                                received_grpc_timeout: timeout,
-                                received_previous_rpc_attempts: attempts,
-                            };
+                            let reply = reply_to(&req, sequence);
                             Some((Ok(reply), (requests, sequence + 1, false)))
                         }
                         Ok(None) => None,
@@ -382,7 +424,9 @@ impl Echo for EchoService {
                 }
             },
         );
-        Ok(tonic::Response::new(Box::pin(replies)))
+        Ok(tonic::Response::new(Box::pin(
+            futures::stream::iter(first).chain(replies),
+        )))
     }
 }
 

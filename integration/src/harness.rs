@@ -799,3 +799,39 @@ pub fn metric_sum(metrics: &str, name: &str, filters: &[&str]) -> f64 {
         .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
+
+impl Sidecar {
+    /// Sends SIGTERM (what Kubernetes sends a container it stops), and marks the sidecar as
+    /// expected to end, so its exit is no failure on drop; [`Sidecar::wait_exit`] then says how
+    /// it ended.
+    pub fn terminate(&mut self) {
+        self.expected_dead = true;
+        let status = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.pid().to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -TERM {} failed", self.pid());
+    }
+
+    /// Waits until the process has exited and returns its status; panics with the log's tail
+    /// after `limit`.
+    pub async fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(status)) => return status,
+                Ok(None) => {}
+                Err(e) => panic!("{} sidecar: cannot query its process: {e}", self.label),
+            }
+            if tokio::time::Instant::now() >= deadline {
+                panic!(
+                    "{} sidecar still running {limit:?} after being asked to stop\n{}",
+                    self.label,
+                    self.log_tail(50)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}

@@ -50,7 +50,7 @@ impl Webhook {
             .arg(certs.cert())
             .arg("--key")
             .arg(certs.key())
-            .env("RUST_LOG", "debug")
+            .env("RUST_LOG", "locality_sidecar=debug")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("create the webhook log"))
             .spawn()
@@ -426,8 +426,11 @@ async fn a_renewed_certificate_is_served_within_five_seconds() {
     webhook
         .review(&first.ca(), "9a8b7c6d-0001", &annotated)
         .await;
+    let body = admission_review("9a8b7c6d-0002", &annotated)
+        .to_string()
+        .into_bytes();
     let refused = webhook
-        .post(&second.ca(), "/healthz", Vec::new())
+        .post(&second.ca(), "/mutate", body.clone())
         .await
         .expect_err("a client trusting only the second CA refuses the first certificate");
     assert!(refused.contains("TLS handshake"), "{refused}");
@@ -437,7 +440,7 @@ async fn a_renewed_certificate_is_served_within_five_seconds() {
     let renewed = Instant::now();
     let deadline = renewed + Duration::from_secs(5);
     loop {
-        match webhook.post(&second.ca(), "/healthz", Vec::new()).await {
+        match webhook.post(&second.ca(), "/mutate", body.clone()).await {
             Ok((200, _)) => break,
             outcome => assert!(
                 Instant::now() < deadline,
@@ -450,7 +453,7 @@ async fn a_renewed_certificate_is_served_within_five_seconds() {
     eprintln!("renewed certificate served after {:?}", renewed.elapsed());
     // And the webhook still answers reviews under the new certificate.
     let response = webhook
-        .review(&second.ca(), "9a8b7c6d-0002", &annotated)
+        .review(&second.ca(), "9a8b7c6d-0003", &annotated)
         .await;
     assert_eq!(sidecars(&patched(&annotated, &response)).len(), 1);
 }

@@ -7,6 +7,19 @@ cd "$(dirname "$0")/.."
 echo "== installing test peers (Python grpcio, Kubernetes schemas)"
 python3 -m pip install --quiet --disable-pip-version-check grpcio grpcio-tools kubernetes-validate cryptography aioquic
 
+echo "== installing system packages (buildah: tests/image.rs)"
+# One list: add a package here and it is installed when missing (Debian apt; CI runs as root).
+apt_packages=(buildah)
+missing=()
+for package in "${apt_packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+    if [ "$(id -u)" -eq 0 ]; then sudo=(); else sudo=(sudo); fi
+    "${sudo[@]}" apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 

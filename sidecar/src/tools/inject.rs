@@ -36,14 +36,11 @@ use serde_yaml_ng::{Mapping, Value};
 
 /// The sidecar container's name, in `initContainers`.
 pub const SIDECAR_NAME: &str = "locality-sidecar";
-/// The image `inject` and `webhook` put in pods unless told otherwise: the name the README's
-/// push step publishes `integration/build-image.sh`'s `localhost/locality-sidecar:<version>`
-/// under. manifests/kustomization.yaml's `images:` entry names the same reference (a test
-/// checks), so changing registries is one edit there plus `--image`.
-pub const DEFAULT_IMAGE: &str = concat!(
-    "ghcr.io/locality-sidecar/locality-sidecar:",
-    env!("CARGO_PKG_VERSION")
-);
+/// The image `inject` and `webhook` put in pods unless told otherwise: the name
+/// `integration/build-image.sh` builds, so the path works as is on a cluster the image is loaded
+/// into (kind, minikube, k3d); elsewhere push it and pass `--image` (README, deployment).
+/// manifests/kustomization.yaml's `images:` entry names the same reference (a test checks).
+pub const DEFAULT_IMAGE: &str = concat!("localhost/locality-sidecar:", env!("CARGO_PKG_VERSION"));
 pub const DEFAULT_CONFIGMAP: &str = "locality-sidecar";
 pub const DEFAULT_SECRET: &str = "locality-sidecar-tls";
 /// Where the ConfigMap is mounted; its key `config.yaml` is the sidecar's config file.

@@ -146,9 +146,10 @@ pub struct InboundConfig {
     pub limits: InboundLimits,
 }
 
-/// What one peer may make the inbound side hold, whatever it sends.
+/// What one peer may make the inbound side hold, whatever it sends. Unset fields keep their
+/// defaults.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
 pub struct InboundLimits {
     /// Largest request header section (HTTP/3 SETTINGS_MAX_FIELD_SECTION_SIZE), and the most
     /// bytes a request stream may carry before its headers are complete.

@@ -87,3 +87,52 @@ pub async fn closed_loop(
     report.latencies.sort();
     report
 }
+
+/// Starts calls at a steady `rate` per second for `duration`, whatever the answers' latency
+/// (an open loop: arrivals do not wait for answers, as with requests coming from users), each
+/// asking for `service_ms`; returns once every call has ended.
+pub async fn open_loop(
+    client: &EchoClient<Channel>,
+    rate: u32,
+    duration: Duration,
+    service_ms: u32,
+) -> LoadReport {
+    let interval = Duration::from_secs_f64(1.0 / f64::from(rate.max(1)));
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let started = Instant::now();
+    let mut calls = tokio::task::JoinSet::new();
+    while started.elapsed() < duration {
+        ticks.tick().await;
+        let mut client = client.clone();
+        calls.spawn(async move {
+            let mut request = tonic::Request::new(EchoRequest {
+                payload: bytes::Bytes::from_static(b"load"),
+                delay_ms: service_ms,
+                ..Default::default()
+            });
+            request.set_timeout(Duration::from_secs(10));
+            let started = Instant::now();
+            let answer = client
+                .unary(request)
+                .await
+                .map(|reply| reply.into_inner().server);
+            (started.elapsed(), answer)
+        });
+    }
+    let mut report = LoadReport::default();
+    while let Some(joined) = calls.join_next().await {
+        match joined {
+            Ok((latency, Ok(pod))) => {
+                *report.by_pod.entry(pod).or_insert(0) += 1;
+                report.latencies.push(latency);
+            }
+            Ok((_, Err(status))) => report.failures.push(status),
+            Err(error) => report.failures.push(tonic::Status::internal(format!(
+                "load task failed: {error}"
+            ))),
+        }
+    }
+    report.latencies.sort();
+    report
+}

@@ -200,3 +200,48 @@ async fn strict_locality_stays_local_under_hot_load_until_turned_off_live() {
         describe("relaxed", &relaxed)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_local_pod_sheds_its_calls_and_gets_them_back_when_it_recovers() {
+    // Pods without a capacity limit here: only the local pod's speed changes.
+    let cluster = Cluster::start(ClusterSpec::three_nodes(1)).await;
+    let client = echo_client(cluster.app_addr).await;
+    let local_app = cluster.pod(LOCAL).app.as_ref().expect("the local app runs");
+    let open =
+        |seconds: u64| integration::load::open_loop(&client, 100, Duration::from_secs(seconds), 5);
+    let report = |phase: &str, report: LoadReport| {
+        eprintln!("{}", describe(phase, &report));
+        assert!(report.failures.is_empty(), "{}", describe(phase, &report));
+        report
+    };
+
+    let fast = report("fast, 100 calls/s", open(2).await);
+    assert!(fast.share_of(LOCAL) >= 0.95, "{}", describe("fast", &fast));
+
+    // 100 calls/s at 105 ms each is ~10 calls waiting on one pod: far above the band.
+    local_app.state().slow_down(100);
+    open(1).await;
+    let slow = report("local pod slow", open(3).await);
+    assert!(
+        slow.share_of(LOCAL) <= 0.5,
+        "most calls go where they are answered fast: {}",
+        describe("slow", &slow)
+    );
+
+    local_app.state().slow_down(0);
+    within(Duration::from_secs(20), "the calls coming back", async {
+        loop {
+            open(1).await;
+            if spill_state(&cluster).await == "local" {
+                break;
+            }
+        }
+    })
+    .await;
+    let back = report("recovered", open(2).await);
+    assert!(
+        back.share_of(LOCAL) >= 0.95,
+        "{}",
+        describe("recovered", &back)
+    );
+}

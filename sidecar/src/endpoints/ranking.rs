@@ -108,6 +108,14 @@ impl EndpointLoad {
         Some(Duration::from_nanos((nanos as f64 * decay) as u64))
     }
 
+    /// The latency estimate as last updated, without the idle decay: what the spill decision
+    /// projects with, so an endpoint skipped because it was slow is not believed fast again
+    /// until it answers fast.
+    pub fn latency_estimate(&self) -> Option<Duration> {
+        let nanos = self.latency_nanos.load(Ordering::Relaxed);
+        (nanos != 0).then(|| Duration::from_nanos(nanos))
+    }
+
     fn record_latency(&self, sample: Duration) {
         let now = now_nanos();
         let previous = self.latency_nanos.load(Ordering::Relaxed);
@@ -320,12 +328,10 @@ impl Ranking {
         if !self.band.enabled {
             return 0;
         }
-        let loads = self.tier_loads();
-        let offered: usize = loads.iter().map(|load| load.waiting).sum();
-        let available: Vec<usize> = loads
+        let available: Vec<spill::TierSample> = self
+            .tiers
             .iter()
-            .map(|load| load.healthy)
-            .filter(|healthy| *healthy > 0)
+            .filter_map(|(_, members)| tier_sample(members))
             .collect();
         let mut memory = self
             .spill
@@ -333,17 +339,12 @@ impl Ranking {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         let before = memory.depth;
-        let depth = spill::step(
-            &mut memory,
-            self.band,
-            offered as f64,
-            &available,
-            Instant::now(),
-        );
+        let depth = spill::step(&mut memory, self.band, &available, Instant::now());
         let smoothed = memory.smoothed;
         drop(memory);
         if depth != before {
-            self.log_spill(before, depth, smoothed, &available);
+            let endpoints: Vec<usize> = available.iter().map(|tier| tier.endpoints).collect();
+            self.log_spill(before, depth, smoothed, &endpoints);
         }
         depth
     }
@@ -454,6 +455,31 @@ impl Ranking {
             }
         }
     }
+}
+
+/// A tier as the spill decision sees it; `None` when it has no healthy endpoint.
+fn tier_sample(members: &[Arc<RankedEndpoint>]) -> Option<spill::TierSample> {
+    let mut sample = spill::TierSample {
+        endpoints: 0,
+        waiting: 0.0,
+        latency: None,
+    };
+    let (mut latency_sum, mut latency_count) = (Duration::ZERO, 0u32);
+    for member in members {
+        sample.waiting += member.load.waiting() as f64;
+        if member.load.is_ejected() {
+            continue;
+        }
+        sample.endpoints += 1;
+        if let Some(latency) = member.load.latency_estimate() {
+            latency_sum += latency;
+            latency_count += 1;
+        }
+    }
+    if latency_count > 0 {
+        sample.latency = Some(latency_sum / latency_count);
+    }
+    (sample.endpoints > 0).then_some(sample)
 }
 
 /// The endpoint that costs less to send one more call to; calls in flight (streams included)

@@ -2,13 +2,15 @@
 //! to send them away again.
 //!
 //! Strict tiers turn "same node first" into "same node whatever it costs": a saturated
-//! same-node pod queues calls that idle pods elsewhere could serve at once. Here the offered
-//! load (this sidecar's attempts still waiting for response headers: queued plus being served,
-//! so open streams that already answered do not count) is divided by the endpoints of the tiers
-//! in use. Above a band's high mark the next tier joins; once the load spread over one tier
-//! fewer falls below the low mark, and stays there for [`SETTLE`], that tier leaves. Because
-//! both marks are judged on the same offered load, a constant load sits on one side of the band
-//! and cannot flap. The decisions are plain functions; [`crate::endpoints::ranking`] feeds them.
+//! same-node pod queues calls that idle pods elsewhere could serve at once. Here the load is
+//! this sidecar's attempts still waiting for response headers (queued plus being served, so
+//! open streams that already answered do not count), per endpoint of the tiers in use. Above a
+//! band's high mark the next tier joins. A tier leaves once the load the remaining tiers would
+//! carry falls below the low mark and stays there for [`SETTLE`]; that load is projected at the
+//! remaining tiers' own latency (Little's law: calls served elsewhere in 5 ms would wait 100 ms
+//! each on a local pod that answers in 100 ms), so a slow local pod does not get its calls back
+//! just because they are fast elsewhere. A constant load sits on one side of the band and
+//! cannot flap. The decisions are plain functions; [`crate::endpoints::ranking`] feeds them.
 
 use std::time::{Duration, Instant};
 
@@ -45,8 +47,11 @@ impl Default for SpillBand {
 pub struct SpillMemory {
     /// How many tiers beyond the best available one are candidates.
     pub depth: usize,
-    /// The offered load, smoothed over [`SMOOTHING`].
+    /// The calls waiting, smoothed over [`SMOOTHING`].
     pub smoothed: f64,
+    /// The same, each tier's calls counted at the best tier's latency: what the best tier
+    /// would carry were the calls all its own.
+    pub smoothed_at_best: f64,
     last_update: Option<Instant>,
     /// Since when the load has been low enough for the last tier to leave.
     low_since: Option<Instant>,
@@ -57,6 +62,7 @@ impl Default for SpillMemory {
         SpillMemory {
             depth: 0,
             smoothed: 0.0,
+            smoothed_at_best: 0.0,
             last_update: None,
             low_since: None,
         }
@@ -72,25 +78,52 @@ pub fn load_per_endpoint(offered: f64, endpoints_per_tier: &[usize], tiers: usiz
     offered / endpoints as f64
 }
 
-/// Folds the current offered load into `memory` and returns how many tiers beyond the best one
-/// take calls now. `endpoints_per_tier` counts the healthy endpoints of each available tier,
-/// best first (empty tiers left out).
+/// One available tier (at least one healthy endpoint) at the moment of a pick.
+#[derive(Debug, Clone, Copy)]
+pub struct TierSample {
+    pub endpoints: usize,
+    /// This sidecar's attempts waiting for an answer from the tier (a count; fractional in
+    /// tests that model an average).
+    pub waiting: f64,
+    /// The tier's typical time to answer, when known.
+    pub latency: Option<Duration>,
+}
+
+/// The calls waiting now, and the same counted at the best tier's latency.
+fn offered(tiers: &[TierSample]) -> (f64, f64) {
+    let best = tiers.first().and_then(|tier| tier.latency);
+    tiers.iter().fold((0.0, 0.0), |(raw, at_best), tier| {
+        let waiting = tier.waiting;
+        let scale = match (best, tier.latency) {
+            (Some(best), Some(own)) if !own.is_zero() => best.as_secs_f64() / own.as_secs_f64(),
+            _ => 1.0,
+        };
+        (raw + waiting, at_best + waiting * scale)
+    })
+}
+
+/// Folds the current load into `memory` and returns how many tiers beyond the best one take
+/// calls now. `tiers` are the available tiers, best first (tiers without a healthy endpoint
+/// left out).
 pub fn step(
     memory: &mut SpillMemory,
     band: SpillBand,
-    offered_now: f64,
-    endpoints_per_tier: &[usize],
+    tiers: &[TierSample],
     now: Instant,
 ) -> usize {
-    memory.smoothed = match memory.last_update {
-        None => offered_now,
+    let (raw, at_best) = offered(tiers);
+    let weight = match memory.last_update {
+        None => 1.0,
         Some(last) => {
             let elapsed = now.saturating_duration_since(last).as_secs_f64();
-            let weight = 1.0 - (-elapsed / SMOOTHING.as_secs_f64()).exp();
-            memory.smoothed + (offered_now - memory.smoothed) * weight
+            1.0 - (-elapsed / SMOOTHING.as_secs_f64()).exp()
         }
     };
+    memory.smoothed += (raw - memory.smoothed) * weight;
+    memory.smoothed_at_best += (at_best - memory.smoothed_at_best) * weight;
     memory.last_update = Some(now);
+    let endpoints_per_tier: Vec<usize> = tiers.iter().map(|tier| tier.endpoints).collect();
+    let endpoints_per_tier = endpoints_per_tier.as_slice();
     let deepest = endpoints_per_tier.len().saturating_sub(1);
     if !band.enabled || deepest == 0 {
         memory.depth = 0;
@@ -105,7 +138,8 @@ pub fn step(
         return memory.depth;
     }
     if memory.depth > 0 {
-        let one_fewer = load_per_endpoint(memory.smoothed, endpoints_per_tier, memory.depth);
+        let one_fewer =
+            load_per_endpoint(memory.smoothed_at_best, endpoints_per_tier, memory.depth);
         if one_fewer < band.low {
             let since = *memory.low_since.get_or_insert(now);
             if now.saturating_duration_since(since) >= SETTLE {
@@ -155,6 +189,20 @@ mod tests {
         start + Duration::from_millis(ms)
     }
 
+    /// Tiers of `endpoints` each, with `offered` calls waiting in the first one (equal
+    /// latencies, so where they wait does not change the projection).
+    fn tiers_of(offered: f64, endpoints: &[usize]) -> Vec<TierSample> {
+        endpoints
+            .iter()
+            .enumerate()
+            .map(|(index, endpoints)| TierSample {
+                endpoints: *endpoints,
+                waiting: if index == 0 { offered } else { 0.0 },
+                latency: Some(Duration::from_millis(20)),
+            })
+            .collect()
+    }
+
     /// Runs a constant load for `ms` milliseconds, one pick per millisecond.
     fn run(
         memory: &mut SpillMemory,
@@ -165,8 +213,9 @@ mod tests {
         from_ms: u64,
         ms: u64,
     ) -> Vec<usize> {
+        let samples = tiers_of(offered, tiers);
         (from_ms..from_ms + ms)
-            .map(|t| step(memory, band, offered, tiers, at(t, start)))
+            .map(|t| step(memory, band, &samples, at(t, start)))
             .collect()
     }
 
@@ -324,20 +373,62 @@ mod tests {
             10,
         );
         assert_eq!(memory.depth, 2);
+        let two = tiers_of(8.0, &[1, 1]);
         assert_eq!(
-            step(
-                &mut memory,
-                SpillBand::default(),
-                8.0,
-                &[1, 1],
-                at(11, start)
-            ),
+            step(&mut memory, SpillBand::default(), &two, at(11, start)),
             1
         );
+        let one = tiers_of(8.0, &[3]);
         assert_eq!(
-            step(&mut memory, SpillBand::default(), 8.0, &[3], at(12, start)),
+            step(&mut memory, SpillBand::default(), &one, at(12, start)),
             0
         );
+    }
+
+    #[test]
+    fn a_slow_best_tier_does_not_get_its_calls_back_because_they_are_fast_elsewhere() {
+        let start = Instant::now();
+        let mut memory = SpillMemory::default();
+        let ms = Duration::from_millis;
+        // Spilled: the local pod answers in 100 ms and holds 0.3 calls on average; the remote
+        // ones answer in 5 ms and hold 0.4 between them: 0.7 calls in all, under the low mark,
+        // but at local speed the remote share alone would be 8 calls waiting.
+        let slow_local = [
+            TierSample {
+                endpoints: 1,
+                waiting: 0.3,
+                latency: Some(ms(100)),
+            },
+            TierSample {
+                endpoints: 2,
+                waiting: 0.4,
+                latency: Some(ms(5)),
+            },
+        ];
+        memory.depth = 1;
+        for t in 0..5000 {
+            assert_eq!(
+                step(&mut memory, SpillBand::default(), &slow_local, at(t, start)),
+                1
+            );
+        }
+        // The local pod recovers (answers in 5 ms again): the calls come back after SETTLE.
+        let recovered = [
+            TierSample {
+                endpoints: 1,
+                waiting: 0.0,
+                latency: Some(ms(5)),
+            },
+            TierSample {
+                endpoints: 2,
+                waiting: 0.0,
+                latency: Some(ms(5)),
+            },
+        ];
+        let depths: Vec<usize> = (5000..7000)
+            .map(|t| step(&mut memory, SpillBand::default(), &recovered, at(t, start)))
+            .collect();
+        assert_eq!(depths.last(), Some(&0));
     }
 
     #[test]

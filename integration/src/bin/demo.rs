@@ -4,18 +4,22 @@
 //!
 //! It sends calls in rounds and prints which node answered each round's share, then takes the
 //! same-node pod out of service three times (un-ready through the API, its app killed outright,
-//! its sidecar frozen with SIGSTOP as a hung node looks) and brings it back each time, and
-//! finishes with the client sidecar's own counters.
+//! its sidecar frozen with SIGSTOP as a hung node looks) and brings it back each time; then
+//! saturates it and slows it down to show load-aware spill-over and the return; and finishes
+//! with the client sidecar's own counters.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use integration::cluster::{answers_by_pod, Cluster, ClusterSpec};
 use integration::harness::echo_client;
+use integration::load::{closed_loop, open_loop, LoadReport};
 use serde_json::json;
 
 const ROUND_CALLS: usize = 200;
-const CONCURRENCY: usize = 8;
+/// Calls outstanding at once in the rounds: a light load, which the sidecar keeps on the node
+/// (phases 8 and 9 show what a heavy one does).
+const CONCURRENCY: usize = 2;
 const BAR_WIDTH: usize = 40;
 
 fn node_of(cluster: &Cluster, pod: &str) -> String {
@@ -36,18 +40,35 @@ async fn round(
     let started = Instant::now();
     let (by_pod, failures) = answers_by_pod(client, ROUND_CALLS, CONCURRENCY).await;
     let elapsed = started.elapsed();
+    print_shares(
+        cluster,
+        &format!(
+            "{label}  ({ROUND_CALLS} calls in {:.0} ms, {} failed)",
+            elapsed.as_secs_f64() * 1000.0,
+            failures.len()
+        ),
+        &by_pod,
+        &failures,
+    );
+    Ok(())
+}
+
+/// Who answered, as a bar per node.
+fn print_shares(
+    cluster: &Cluster,
+    title: &str,
+    by_pod: &BTreeMap<String, usize>,
+    failures: &[tonic::Status],
+) {
+    let total: usize = by_pod.values().sum::<usize>().max(1);
     let mut by_node: BTreeMap<String, usize> = BTreeMap::new();
-    for (pod, count) in &by_pod {
+    for (pod, count) in by_pod {
         *by_node.entry(node_of(cluster, pod)).or_default() += count;
     }
-    println!(
-        "  {label}  ({ROUND_CALLS} calls in {:.0} ms, {} failed)",
-        elapsed.as_secs_f64() * 1000.0,
-        failures.len()
-    );
+    println!("  {title}");
     for node in ["node-a", "node-b", "node-c"] {
         let count = by_node.get(node).copied().unwrap_or(0);
-        let width = count * BAR_WIDTH / ROUND_CALLS;
+        let width = count * BAR_WIDTH / total;
         let marker = if node == cluster.spec.client_node {
             " (client's node)"
         } else {
@@ -65,7 +86,28 @@ async fn round(
             status.message()
         );
     }
-    Ok(())
+}
+
+/// A load's shares per node, with its latency.
+fn print_load(cluster: &Cluster, label: &str, report: &LoadReport) {
+    let title = format!(
+        "{label}  ({} calls, p50 {:.0} ms, p99 {:.0} ms, {} failed)",
+        report.answered() + report.failures.len(),
+        report.quantile(0.5).as_secs_f64() * 1000.0,
+        report.quantile(0.99).as_secs_f64() * 1000.0,
+        report.failures.len()
+    );
+    print_shares(cluster, &title, &report.by_pod, &report.failures);
+}
+
+/// The client sidecar's spill-over state for the upstream, as `/endpoints` explains it.
+async fn spill(cluster: &Cluster) -> (String, String) {
+    let view = cluster.endpoints_view().await;
+    let spill = &view["upstreams"][0]["spill"];
+    (
+        spill["state"].as_str().unwrap_or("?").to_string(),
+        spill["reason"].as_str().unwrap_or("?").to_string(),
+    )
 }
 
 async fn ranking(cluster: &Cluster) -> String {
@@ -240,6 +282,60 @@ async fn main() -> anyhow::Result<()> {
     );
     round(&cluster, &client, "round 1").await?;
 
+    println!("\n8. echo-a1 saturates: it serves 2 calls at a time (20 ms each), the app sends 8 at a time.");
+    println!("   The load per same-node pod passes the band (2 waiting calls): the other nodes join, no call fails");
+    for pod in &cluster.pods {
+        if let Some(app) = &pod.app {
+            app.state().limit_capacity(Some(2));
+        }
+    }
+    let hot = closed_loop(&client, 8, 400, 20).await;
+    print_load(&cluster, "8 at a time", &hot);
+    let (state, reason) = spill(&cluster).await;
+    println!("  spill state: {state}: {reason}");
+    println!("  (with locality.strict: true every call would queue on node-a: ~4x the latency)");
+    for pod in &cluster.pods {
+        if let Some(app) = &pod.app {
+            app.state().limit_capacity(None);
+        }
+    }
+    let light_again = Instant::now();
+    while spill(&cluster).await.0 != "local" && light_again.elapsed() < Duration::from_secs(30) {
+        closed_loop(&client, 1, 20, 5).await;
+    }
+    println!(
+        "  the load drops to 1 call at a time: node-a takes every call again after {:.1} s",
+        light_again.elapsed().as_secs_f64()
+    );
+
+    println!("\n9. echo-a1 gets slow (+100 ms per call) under 100 calls/s: its calls move to the fast pods,");
+    println!("   a few probes keep checking it; it recovers: the calls come back to node-a");
+    let local_app = cluster
+        .pod("echo-a1")
+        .app
+        .as_ref()
+        .map(|app| app.state().clone());
+    let slow_down = |ms: u64| {
+        if let Some(state) = &local_app {
+            state.slow_down(ms);
+        }
+    };
+    let steady = |seconds: u64| open_loop(&client, 100, Duration::from_secs(seconds), 5);
+    print_load(&cluster, "echo-a1 fast", &steady(2).await);
+    slow_down(100);
+    steady(1).await;
+    print_load(&cluster, "echo-a1 slow", &steady(3).await);
+    slow_down(0);
+    let recovered = Instant::now();
+    while spill(&cluster).await.0 != "local" && recovered.elapsed() < Duration::from_secs(30) {
+        steady(1).await;
+    }
+    println!(
+        "  back to node-a {:.1} s after it recovered (the band waits for the load to stay low for 1 s)",
+        recovered.elapsed().as_secs_f64()
+    );
+    print_load(&cluster, "echo-a1 recovered", &steady(2).await);
+
     let metrics = cluster.metrics().await;
     println!("\nthe client sidecar's counters (GET /metrics on its admin port):");
     for (label, name, filter) in [
@@ -275,6 +371,11 @@ async fn main() -> anyhow::Result<()> {
             "",
         ),
         ("ejections", "locality_sidecar_ejections_total", ""),
+        (
+            "tiers joined by spill-over",
+            "locality_sidecar_spill_changes_total",
+            "direction=\"out\"",
+        ),
         (
             "connections declared dead (frozen)",
             "locality_sidecar_quic_dead_connections_total",

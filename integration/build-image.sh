@@ -52,9 +52,12 @@ fi
 command -v strip >/dev/null || { echo "build-image.sh: needs strip (binutils)" >&2; exit 1; }
 
 if [ "$build" = yes ]; then
-    # The same package selection as the test command, so the two share one build cache.
-    echo "== cargo build ${cargo_flags[*]} --workspace --bins" >&2
-    cargo build "${cargo_flags[@]}" --workspace --bins >&2
+    # Both images' binaries (both packages, as in the test command's `--workspace --bins`, so
+    # features resolve the same and the build cache is shared); not the other tools.
+    bins=()
+    for name in locality-sidecar echo-server; do bins+=(--bin "$name"); done
+    echo "== cargo build ${cargo_flags[*]} ${bins[*]}" >&2
+    cargo build "${cargo_flags[@]}" "${bins[@]}" >&2
 fi
 bin_dir="$root/target/$profile"
 for name in "${images[@]}"; do

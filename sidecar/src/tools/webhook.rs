@@ -14,7 +14,8 @@
 //!
 //! Per-pod options come from annotations, each falling back to the webhook's own flags:
 //! `locality-sidecar.io/app-port`, `.../image`, `.../configmap`, `.../secret`,
-//! `.../service-account`.
+//! `.../service-account` (which, unlike inject's flag, also replaces the `default` account the
+//! API server fills in before webhooks run).
 //!
 //! The serving certificate (cert-manager renews it) is re-read when its files change: a poll of
 //! both files' modification time and length every second swaps the key for new handshakes;
@@ -156,13 +157,42 @@ pub fn decide(pod: &Json, defaults: &InjectOptions) -> Result<Option<Vec<Json>>,
     let Some(options) = pod_options(annotations, defaults)? else {
         return Ok(None);
     };
-    let mut injected: serde_yaml_ng::Value = serde_yaml_ng::to_value(pod)
+    let mut pod_in = pod.clone();
+    if let Some(account) = &options.service_account {
+        claim_default_service_account(&mut pod_in, account);
+    }
+    let mut injected: serde_yaml_ng::Value = serde_yaml_ng::to_value(&pod_in)
         .map_err(|error| format!("cannot read the pod as an object: {error}"))?;
     inject::inject_pod(&mut injected, &options).map_err(|error| error.to_string())?;
     let after = serde_json::to_value(&injected)
         .map_err(|error| format!("cannot write the injected pod: {error}"))?;
     let patch = diff(pod, &after);
     Ok((!patch.is_empty()).then_some(patch))
+}
+
+/// By the time a webhook sees a pod, the API server's ServiceAccount admission has named
+/// `default` for a pod that named no account, so inject's "only where none is named" would never
+/// apply the service-account annotation. An explicit annotation therefore also replaces
+/// `default`; an account the pod names itself is kept.
+fn claim_default_service_account(pod: &mut Json, account: &str) {
+    let Some(spec) = pod.get_mut("spec").and_then(Json::as_object_mut) else {
+        return;
+    };
+    let unnamed = ["serviceAccountName", "serviceAccount"]
+        .iter()
+        .all(|key| matches!(spec.get(*key), None | Some(Json::Null)) || spec[*key] == "default");
+    if unnamed {
+        spec.remove("serviceAccount");
+        spec.insert(
+            "serviceAccountName".to_string(),
+            Json::String(account.to_string()),
+        );
+        // The deprecated alias must agree with the name, or the API server rejects the pod.
+        spec.insert(
+            "serviceAccount".to_string(),
+            Json::String(account.to_string()),
+        );
+    }
 }
 
 /// The inject options an annotated pod asks for, or `None` when it does not ask for the sidecar.
@@ -456,7 +486,14 @@ async fn handle(request: Request<Incoming>, defaults: &InjectOptions) -> Respons
                     response
                 }
                 Reply::BadRequest(message) => {
-                    tracing::warn!(%message, "webhook: malformed AdmissionReview");
+                    // Warn once (a misconfigured caller repeats itself); the rest at debug.
+                    static WARNED: std::sync::atomic::AtomicBool =
+                        std::sync::atomic::AtomicBool::new(false);
+                    if WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                        tracing::debug!(%message, "webhook: malformed AdmissionReview");
+                    } else {
+                        tracing::warn!(%message, "webhook: malformed AdmissionReview (further ones are logged at debug level)");
+                    }
                     text(StatusCode::BAD_REQUEST, format!("{message}\n"))
                 }
             }
@@ -576,6 +613,28 @@ mod tests {
         );
         let volumes = injected["spec"]["volumes"].to_string();
         assert!(volumes.contains("other-tls"), "{volumes}");
+    }
+
+    #[test]
+    fn the_service_account_annotation_replaces_only_the_default_account() {
+        let mut defaulted = pod(json!({
+            INJECT_ANNOTATION: "enabled",
+            SERVICE_ACCOUNT_ANNOTATION: "locality-sidecar",
+        }));
+        defaulted["spec"]["serviceAccountName"] = json!("default");
+        defaulted["spec"]["serviceAccount"] = json!("default");
+        let patch = decide(&defaulted, &InjectOptions::default())
+            .unwrap()
+            .unwrap();
+        let injected = apply(defaulted.clone(), &patch);
+        assert_eq!(injected["spec"]["serviceAccountName"], "locality-sidecar");
+        assert_eq!(injected["spec"]["serviceAccount"], "locality-sidecar");
+
+        let mut own = defaulted;
+        own["spec"]["serviceAccountName"] = json!("payments");
+        own["spec"]["serviceAccount"] = json!("payments");
+        let patch = decide(&own, &InjectOptions::default()).unwrap().unwrap();
+        assert_eq!(apply(own, &patch)["spec"]["serviceAccountName"], "payments");
     }
 
     #[test]

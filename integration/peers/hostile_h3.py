@@ -90,6 +90,11 @@ async def attack(args, totals):
                     totals["bytes_sent"] += size
                 client.transmit()
                 await asyncio.sleep(args.tick)
+            # What actually left for the server (the rest is queued behind flow control).
+            totals["bytes_transmitted"] += sum(
+                stream.sender.highest_offset for stream in quic._streams.values()
+                if stream.sender is not None and stream.stream_id % 4 == 0
+            )
     except ConnectionError:
         totals["connections_refused"] += 1
     except Exception as error:  # refused handshakes surface as various errors
@@ -112,7 +117,7 @@ async def main():
     parser.add_argument("--connections", type=int, default=1)
     args = parser.parse_args()
     totals = {"connections": 0, "connections_refused": 0, "streams_opened": 0,
-              "streams_refused": 0, "bytes_sent": 0}
+              "streams_refused": 0, "bytes_sent": 0, "bytes_transmitted": 0}
     await asyncio.gather(*(attack(args, totals) for _ in range(args.connections)))
     print(json.dumps(totals), flush=True)
     return 0

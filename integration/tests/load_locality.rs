@@ -245,3 +245,57 @@ async fn a_slow_local_pod_sheds_its_calls_and_gets_them_back_when_it_recovers() 
         describe("recovered", &back)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_streams_are_not_load() {
+    // A producer holding streams open to the local pod (answered, idle) and making light unary
+    // calls beside them: the streams do not count as waiting calls, so nothing spills.
+    let cluster = start(json!({}), false).await;
+    let client = echo_client(cluster.app_addr).await;
+    let mut streams = Vec::new();
+    for index in 0..10 {
+        let (requests, feed) = tokio::sync::mpsc::channel(4);
+        requests
+            .send(integration::pb::EchoRequest {
+                payload: bytes::Bytes::from_static(b"hello"),
+                ..Default::default()
+            })
+            .await
+            .expect("the stream takes a first message");
+        let mut replies = within(
+            Duration::from_secs(10),
+            &format!("stream {index} opening"),
+            client
+                .clone()
+                .bidi(tokio_stream::wrappers::ReceiverStream::new(feed)),
+        )
+        .await
+        .expect("the stream opens")
+        .into_inner();
+        let first = within(
+            Duration::from_secs(10),
+            &format!("stream {index}'s first reply"),
+            replies.message(),
+        )
+        .await
+        .expect("a reply")
+        .expect("not the end");
+        assert_eq!(first.server, LOCAL, "light load: streams open on the node");
+        streams.push((requests, replies));
+    }
+    let light = run(&cluster, "light, beside 10 open streams", 1, 100).await;
+    assert!(
+        light.share_of(LOCAL) >= 0.95,
+        "open streams are not load: {}",
+        describe("light beside streams", &light)
+    );
+    let view = cluster.endpoints_view().await;
+    let local = view["upstreams"][0]["endpoints"]
+        .as_array()
+        .and_then(|list| list.iter().find(|e| e["pod"] == json!(LOCAL)))
+        .cloned()
+        .expect("the local pod is listed");
+    assert_eq!(local["inFlight"], json!(10), "the streams are in flight");
+    assert_eq!(local["waiting"], json!(0), "but not waiting for an answer");
+    drop(streams);
+}

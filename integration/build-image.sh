@@ -9,7 +9,8 @@
 # Usage: integration/build-image.sh [--profile release|debug] [--no-build] [--only NAME]
 #   --profile  which cargo profile's binaries go in (default release, what ships; the tests use
 #              debug, already built by the test command, because a release build takes 10+ minutes
-#              on a 2-core machine; a stripped debug binary still fits under 40 MiB)
+#              on a 2-core machine; a stripped debug binary still fits under 40 MiB), tagged
+#              <version>-debug so it never replaces the release image
 #   --no-build use the binaries already in target/<profile> instead of running cargo build
 #   --only     build one image: locality-sidecar or echo-server
 # Prints `image NAME REF` per image built. Installs buildah with apt when it is missing.
@@ -27,7 +28,7 @@ while [ $# -gt 0 ]; do
         --profile) profile="${2:?--profile needs release or debug}"; shift 2 ;;
         --no-build) build=no; shift ;;
         --only) only="${2:?--only needs locality-sidecar or echo-server}"; shift 2 ;;
-        -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
         *) echo "build-image.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -89,10 +90,17 @@ printf 'root:x:0:0:root:/root:/sbin/nologin\nnonroot:x:65532:65532:nonroot:/none
 printf 'root:x:0:\nnonroot:x:65532:\n' >"$context/rootfs/etc/group"
 
 for name in "${images[@]}"; do
-    ref="localhost/$name:$version"
+    # A debug build is tagged apart, so a test run never replaces the release image.
+    if [ "$profile" = debug ]; then ref="localhost/$name:$version-debug"; else ref="localhost/$name:$version"; fi
     echo "== buildah build $ref ($profile)" >&2
+    previous=$(buildah images --quiet --no-trunc "$ref" 2>/dev/null || true)
     # --pull=never: FROM scratch needs nothing, and this must never reach for a registry.
     buildah build --quiet --pull=never --layers=false --target "$name" \
         --file "$root/Containerfile" --tag "$ref" "$context" >&2
+    # The tag moved: drop the image it named, or every rebuild (each test run) leaves ~30 MB.
+    current=$(buildah images --quiet --no-trunc "$ref")
+    if [ -n "$previous" ] && [ "$previous" != "$current" ]; then
+        buildah rmi "$previous" >/dev/null 2>&1 || true
+    fi
     echo "image $name $ref"
 done

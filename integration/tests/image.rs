@@ -133,9 +133,11 @@ fn images_run_their_entrypoint_as_non_root_and_stay_small() {
     let sidecar_version = version
         .strip_prefix("locality-sidecar ")
         .expect("--version prints the name and version");
+    // build-image.sh tags a debug build apart from the release image.
+    let suffix = if profile == "release" { "" } else { "-debug" };
     assert_eq!(
         images[0].1,
-        format!("localhost/locality-sidecar:{sidecar_version}")
+        format!("localhost/locality-sidecar:{sidecar_version}{suffix}")
     );
 
     for (name, image) in &images {

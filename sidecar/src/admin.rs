@@ -240,7 +240,8 @@ fn spill_json(spill: &SpillView) -> serde_json::Value {
         })
         .collect();
     let reason = if !spill.enabled {
-        "locality.strict: the best tier takes every call while it has a healthy endpoint".to_string()
+        "locality.strict: the best tier takes every call while it has a healthy endpoint"
+            .to_string()
     } else if spill.depth == 0 {
         format!(
             "load {:.2} waiting calls stays under the high mark {} per endpoint of the best tier",

@@ -557,6 +557,35 @@ locality: {tiers: [node, zone, any]}
     }
 
     #[test]
+    fn identities_must_be_spiffe_ids_and_limits_sane() {
+        let with = |extra_inbound: &str, endpoint: &str| {
+            GOOD.replace(
+                "forward: 127.0.0.1:50051}",
+                &format!("forward: 127.0.0.1:50051{extra_inbound}}}"),
+            )
+            .replace("zone: z1}", &format!("zone: z1{endpoint}}}"))
+        };
+        let config = Config::parse(
+            &with(
+                ", allow: [\"spiffe://td/ns/a/sa/b\"], limits: {headerTimeout: 2s}",
+                ", identity: \"spiffe://td/ns/x/sa/y\"",
+            ),
+            "t",
+        )
+        .unwrap();
+        let inbound = config.inbound.unwrap();
+        assert_eq!(inbound.allow.unwrap(), vec!["spiffe://td/ns/a/sa/b"]);
+        assert_eq!(inbound.limits.header_timeout, Duration::from_secs(2));
+        assert_eq!(inbound.limits.max_header_bytes, 64 * 1024, "unset limits keep defaults");
+        let err = error_of(&with(", allow: [\"frontend\"]", ""));
+        assert!(err.contains("inbound.allow[0]") && err.contains("SPIFFE"), "{err}");
+        let err = error_of(&with("", ", identity: \"https://x/y\""));
+        assert!(err.contains("outbound[0].endpoints[0].identity"), "{err}");
+        let err = error_of(&with(", limits: {maxHeaderBytes: 10}", ""));
+        assert!(err.contains("inbound.limits"), "{err}");
+    }
+
+    #[test]
     fn good_config_parses_with_every_section() {
         let config = Config::parse(GOOD, "test.yaml").unwrap();
         assert_eq!(config.outbound.len(), 1);

@@ -90,6 +90,9 @@ async def attack(args, totals):
                     totals["bytes_sent"] += size
                 client.transmit()
                 await asyncio.sleep(args.tick)
+            totals["congestion_window"] = quic._loss.congestion_window
+            totals["bytes_in_flight"] = quic._loss.bytes_in_flight
+            totals["smoothed_rtt_ms"] = round(quic._loss._rtt_smoothed * 1000, 3)
             # What actually left for the server (the rest is queued behind flow control).
             totals["bytes_transmitted"] += sum(
                 stream.sender.highest_offset for stream in quic._streams.values()

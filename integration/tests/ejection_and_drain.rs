@@ -110,7 +110,15 @@ async fn a_terminated_sidecar_finishes_its_calls_and_new_ones_move_elsewhere_wit
         match done.expect("a slow call task panicked") {
             Ok(server) if server == "echo-a1" => answered_by_a1 += 1,
             Ok(_) => {}
-            Err(status) => panic!("an in-flight call failed: {status:?}"),
+            Err(status) => {
+                // What the client sidecar said about it: a drain must not look like a failure.
+                let log = cluster.client.log_text();
+                let tail: Vec<&str> = log.lines().rev().take(30).collect();
+                panic!(
+                    "an in-flight call failed: {status:?}\nclient sidecar log, newest first:\n{}",
+                    tail.join("\n")
+                )
+            }
         }
     }
     assert_eq!(

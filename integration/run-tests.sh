@@ -7,9 +7,9 @@ cd "$(dirname "$0")/.."
 echo "== installing test peers (Python grpcio, Kubernetes schemas, Prometheus parsers)"
 python3 -m pip install --quiet --disable-pip-version-check grpcio grpcio-tools kubernetes-validate cryptography aioquic prometheus_client
 
-echo "== installing system packages (buildah: tests/image.rs; chromium: tests/status_page.rs)"
+echo "== installing system packages (buildah: tests/image.rs; chromium: tests/status_page.rs; iproute2, nftables: tests/network_faults.rs)"
 # One list: add a package here and it is installed when missing (Debian apt; CI runs as root).
-apt_packages=(buildah chromium)
+apt_packages=(buildah chromium iproute2 nftables)
 missing=()
 for package in "${apt_packages[@]}"; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")

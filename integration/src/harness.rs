@@ -325,12 +325,34 @@ impl Sidecar {
         args: &[String],
         env: &[(String, String)],
     ) -> Sidecar {
+        Self::spawn_via(
+            Command::new(sidecar_binary()),
+            label,
+            dir,
+            config,
+            admin,
+            args,
+            env,
+        )
+    }
+
+    /// [`Sidecar::spawn_with`] through `command`, which runs the sidecar binary (given as its
+    /// last argument, e.g. `ip netns exec NODE BINARY` to start it in another network
+    /// namespace); the `run` arguments are appended.
+    pub fn spawn_via(
+        mut command: Command,
+        label: &str,
+        dir: &Path,
+        config: &str,
+        admin: SocketAddr,
+        args: &[String],
+        env: &[(String, String)],
+    ) -> Sidecar {
         let config_path = dir.join(format!("{label}.yaml"));
         std::fs::write(&config_path, config).expect("write sidecar config");
         let log = dir.join(format!("{label}.log"));
         let stderr = File::create(&log).expect("create sidecar log file");
         let stdout = stderr.try_clone().expect("clone log file handle");
-        let mut command = Command::new(sidecar_binary());
         command
             .arg("run")
             .arg("--config")

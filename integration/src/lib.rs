@@ -10,6 +10,7 @@ pub mod echo_server;
 pub mod fake_kube;
 pub mod harness;
 pub mod load;
+pub mod netns;
 
 pub mod pb {
     //! Code generated from `proto/echo.proto` by `build.rs`.

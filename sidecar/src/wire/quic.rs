@@ -67,8 +67,10 @@ const FAILURE_MEMORY: Duration = Duration::from_secs(1);
 pub const CONNECT_PATIENCE: Duration = Duration::from_millis(200);
 /// The round-trip time assumed before the first measurement. quinn's default (333 ms, for the
 /// internet) makes the first retransmission of a lost handshake packet wait about a second,
-/// as long as the whole connect timeout; pod networks answer in well under a millisecond.
-const INITIAL_RTT: Duration = Duration::from_millis(50);
+/// as long as the whole connect timeout; pod networks answer in well under a millisecond. At
+/// 10 ms a lost handshake packet is resent after ~30 ms; a busy peer that takes longer than
+/// that to answer costs a duplicate packet, nothing more.
+const INITIAL_RTT: Duration = Duration::from_millis(10);
 /// The kernel's default UDP buffers (~200 KiB) drop packets when a burst of streams lands at
 /// once; drops turn into retransmits and latency spikes. The kernel caps this at net.core.rmem_max.
 const UDP_BUFFER_BYTES: usize = 8 * 1024 * 1024;
@@ -82,6 +84,14 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// both sidecars; a call's own packets carry the ACKs instead. Ten still acknowledges a bulk
 /// transfer every ~14 KB, often enough for congestion control on pod networks.
 const ACK_ELICITING_THRESHOLD: u32 = 10;
+/// The longest the peer may hold back an ACK (asked for through the ACK frequency extension).
+/// QUIC's probe timeout adds it to the RTT: at the default 25 ms, a lost last packet of a
+/// request or response (the common case for a unary call) is resent only after ~27 ms on a
+/// sub-millisecond link, and that was our p99 under 1% loss. At 1 ms (quinn's floor, its timer
+/// granularity) the probe fires after ~2-3 ms. On a clean link few ACK-only packets are added:
+/// the threshold above still lets a call's own packets carry them, and a delayed ACK goes out
+/// only when nothing else is sent for a millisecond.
+const MAX_ACK_DELAY: Duration = Duration::from_millis(1);
 /// HTTP/3's "no error" code (RFC 9114, section 8.1): the application close a peer sees when we
 /// close a connection on purpose, so its logs do not report a failure.
 const H3_NO_ERROR: u32 = 0x100;
@@ -133,7 +143,9 @@ fn settings(keep_alive: Duration) -> TransportConfig {
         // 10 s always fits a VarInt of milliseconds; the fallback is never taken.
         .max_idle_timeout(IdleTimeout::try_from(IDLE_TIMEOUT).ok());
     let mut ack_frequency = AckFrequencyConfig::default();
-    ack_frequency.ack_eliciting_threshold(VarInt::from_u32(ACK_ELICITING_THRESHOLD));
+    ack_frequency
+        .ack_eliciting_threshold(VarInt::from_u32(ACK_ELICITING_THRESHOLD))
+        .max_ack_delay(Some(MAX_ACK_DELAY));
     config.ack_frequency_config(Some(ack_frequency));
     config
 }

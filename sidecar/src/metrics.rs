@@ -46,6 +46,13 @@ pub struct TierLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ShedLabels {
+    pub upstream: Arc<str>,
+    /// The cap that was full: `process` or `upstream`.
+    pub limit: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SpillLabels {
     pub upstream: Arc<str>,
     /// `out` when a tier joins the candidates, `back` when one leaves.
@@ -128,6 +135,11 @@ pub struct Metrics {
     pub spill_changes: Family<SpillLabels, Counter>,
     /// Calls waiting for an answer per healthy endpoint, by tier: the spill decision's input.
     pub tier_load: Family<TierLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    /// The app's calls in flight and their cap, per upstream (`upstream="all"`: the process).
+    pub calls_in_flight: Family<UpstreamLabels, Gauge>,
+    pub calls_in_flight_limit: Family<UpstreamLabels, Gauge>,
+    /// Calls answered at once because a cap was full.
+    pub calls_shed: Family<ShedLabels, Counter>,
     /// New certificate sets from the `tls` files, applied or rejected.
     pub tls_reloads: Family<ResultLabels, Counter>,
     /// Seconds until the current leaf certificate expires (negative once it has).
@@ -318,8 +330,29 @@ impl Metrics {
             "Calls waiting for response headers per healthy endpoint, by upstream and tier",
             tier_load.clone(),
         );
+        let calls_in_flight = Family::default();
+        registry.register(
+            "calls_in_flight",
+            "The app's calls in flight (admitted, response not ended), per upstream; upstream=\"all\" is the whole process",
+            calls_in_flight.clone(),
+        );
+        let calls_in_flight_limit = Family::default();
+        registry.register(
+            "calls_in_flight_limit",
+            "The cap on calls in flight (limits.maxCallsPerUpstream, or maxCallsInFlight for upstream=\"all\")",
+            calls_in_flight_limit.clone(),
+        );
+        let calls_shed = Family::default();
+        registry.register(
+            "calls_shed",
+            "Calls answered UNAVAILABLE at once because a cap on calls in flight was full, by cap",
+            calls_shed.clone(),
+        );
         Metrics {
             registry,
+            calls_in_flight,
+            calls_in_flight_limit,
+            calls_shed,
             spill_depth,
             spill_changes,
             tier_load,
@@ -408,6 +441,12 @@ impl Metrics {
         drop(self.ejected_endpoints.get_or_create(&labels));
         drop(self.spill_depth.get_or_create(&labels));
         drop(self.call_duration.get_or_create(&labels));
+        for limit in ["process", "upstream"] {
+            drop(self.calls_shed.get_or_create(&ShedLabels {
+                upstream: name.into(),
+                limit,
+            }));
+        }
         for direction in ["out", "back"] {
             drop(self.spill_changes.get_or_create(&SpillLabels {
                 upstream: name.into(),

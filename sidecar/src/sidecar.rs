@@ -29,6 +29,7 @@ use crate::endpoints::discovery::{self, DiscoveryError, NodeZones, ServiceRef};
 use crate::endpoints::ranking::{spawn_ranking, Locality};
 use crate::inbound::AppClient;
 use crate::outbound::replay::{ReplayBudget, PER_PROCESS_LIMIT};
+use crate::outbound::upstream::admission_gate;
 use crate::outbound::upstream::{RetryThrottle, Upstream, UpstreamMetrics};
 use crate::wire::quic::{self, ConnectionPool, TransportError};
 use crate::wire::tls::{LiveTls, TlsError};
@@ -261,6 +262,15 @@ async fn build(
     };
 
     let replay_budget = ReplayBudget::new(PER_PROCESS_LIMIT);
+    let limits = policy.borrow().limits;
+    let process_admission = admission_gate("all", limits.process);
+    tracing::info!(
+        max_calls_in_flight = limits.process,
+        max_calls_per_upstream = limits.per_upstream,
+        max_streams_per_connection = limits.streams_per_connection,
+        cgroup_memory_limit = ?crate::outbound::admission::CGROUP_LIMIT.get().copied().flatten(),
+        "caps on calls in flight"
+    );
     crate::metrics::metrics().init_process();
     let mut upstreams = Vec::new();
     for (entry, target) in config.outbound.iter().zip(targets) {
@@ -275,6 +285,7 @@ async fn build(
             });
         };
         let ranking = spawn_ranking(&target.name, source, locality.clone(), tiers.clone());
+        let admission = admission_gate(&target.name, limits.per_upstream);
         upstreams.push(Arc::new(Upstream {
             metrics: UpstreamMetrics::resolve(&target.name),
             name: target.name,
@@ -285,6 +296,8 @@ async fn build(
             policy: policy.clone(),
             throttle: RetryThrottle::default(),
             replay_budget: replay_budget.clone(),
+            admission,
+            process_admission: process_admission.clone(),
         }));
     }
     let built = Built {

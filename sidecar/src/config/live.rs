@@ -291,6 +291,8 @@ pub struct LivePolicy {
     pub service_config: crate::config::service_config::ServiceConfig,
     pub outlier: crate::config::OutlierDetection,
     pub locality: crate::config::LocalityConfig,
+    /// The caps on calls in flight, resolved against the container's memory limit.
+    pub limits: crate::outbound::admission::CallLimits,
 }
 
 impl LivePolicy {
@@ -299,6 +301,10 @@ impl LivePolicy {
             service_config: config.policy.clone(),
             outlier: config.outlier_detection.clone(),
             locality: config.locality.clone(),
+            limits: config.limits.resolve(
+                *crate::outbound::admission::CGROUP_LIMIT
+                    .get_or_init(crate::outbound::admission::cgroup_memory_limit),
+            ),
         }
     }
 }

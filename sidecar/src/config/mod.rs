@@ -56,6 +56,9 @@ pub struct Config {
     pub service_config: Option<serde_json::Value>,
     #[serde(default)]
     pub outlier_detection: OutlierDetection,
+    /// Caps on calls in flight (overload protection); live for new calls and connections.
+    #[serde(default)]
+    pub limits: LimitsConfig,
     /// The parsed `serviceConfig` (empty when absent: no timeout, no retries).
     #[serde(skip)]
     pub policy: ServiceConfig,
@@ -215,6 +218,39 @@ impl Tier {
             Tier::Node => "node",
             Tier::Zone => "zone",
             Tier::Any => "any",
+        }
+    }
+}
+
+/// Caps on the app's calls in flight. Unset caps derive from the memory budget: the
+/// container's cgroup limit, `memoryBudgetMiB`, or 128 MiB (what `inject` gives the container).
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct LimitsConfig {
+    #[serde(rename = "memoryBudgetMiB")]
+    pub memory_budget_mib: Option<u64>,
+    pub max_calls_in_flight: Option<usize>,
+    pub max_calls_per_upstream: Option<usize>,
+    pub max_streams_per_connection: Option<u32>,
+}
+
+impl LimitsConfig {
+    /// The caps in force, given the container's memory limit if it has one.
+    pub fn resolve(&self, cgroup_limit: Option<u64>) -> crate::outbound::admission::CallLimits {
+        use crate::outbound::admission::{limits_for_budget, DEFAULT_BUDGET_BYTES};
+        let budget = self
+            .memory_budget_mib
+            .map(|mib| mib.saturating_mul(1024 * 1024))
+            .or(cgroup_limit)
+            .unwrap_or(DEFAULT_BUDGET_BYTES);
+        let derived = limits_for_budget(budget);
+        let process = self.max_calls_in_flight.unwrap_or(derived.process);
+        crate::outbound::admission::CallLimits {
+            process,
+            per_upstream: self.max_calls_per_upstream.unwrap_or(process),
+            streams_per_connection: self
+                .max_streams_per_connection
+                .unwrap_or(u32::try_from(process).unwrap_or(u32::MAX)),
         }
     }
 }
@@ -502,6 +538,26 @@ impl Config {
                 "expected at least one of node, zone, any".to_string(),
             ));
         }
+        let limits = &self.limits;
+        for (field, value) in [
+            (
+                "limits.memoryBudgetMiB",
+                limits.memory_budget_mib.map(|v| v as usize),
+            ),
+            ("limits.maxCallsInFlight", limits.max_calls_in_flight),
+            ("limits.maxCallsPerUpstream", limits.max_calls_per_upstream),
+            (
+                "limits.maxStreamsPerConnection",
+                limits.max_streams_per_connection.map(|v| v as usize),
+            ),
+        ] {
+            if value == Some(0) {
+                return Err(invalid(
+                    field.to_string(),
+                    "expected a number above 0 (leave it out to derive it from the memory budget), found 0".to_string(),
+                ));
+            }
+        }
         let band = &self.locality.spill_over;
         if !(band.low.is_finite() && band.low >= 0.0) {
             return Err(invalid(
@@ -576,9 +632,16 @@ locality: {tiers: [node, zone, any]}
         let inbound = config.inbound.unwrap();
         assert_eq!(inbound.allow.unwrap(), vec!["spiffe://td/ns/a/sa/b"]);
         assert_eq!(inbound.limits.header_timeout, Duration::from_secs(2));
-        assert_eq!(inbound.limits.max_header_bytes, 64 * 1024, "unset limits keep defaults");
+        assert_eq!(
+            inbound.limits.max_header_bytes,
+            64 * 1024,
+            "unset limits keep defaults"
+        );
         let err = error_of(&with(", allow: [\"frontend\"]", ""));
-        assert!(err.contains("inbound.allow[0]") && err.contains("SPIFFE"), "{err}");
+        assert!(
+            err.contains("inbound.allow[0]") && err.contains("SPIFFE"),
+            "{err}"
+        );
         let err = error_of(&with("", ", identity: \"https://x/y\""));
         assert!(err.contains("outbound[0].endpoints[0].identity"), "{err}");
         let err = error_of(&with(", limits: {maxHeaderBytes: 10}", ""));

@@ -13,6 +13,7 @@
 //! limit): h2 itself would answer a bare HTTP 431 before our code sees the call, so its own
 //! limit is set far higher and ours is enforced here.
 
+pub mod admission;
 pub mod attempt;
 pub mod call;
 pub mod decide;
@@ -25,6 +26,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use admission::AdmittedBody;
 use bytes::Bytes;
 use http_body_util::Full;
 use upstream::Upstream;
@@ -182,18 +184,28 @@ pub async fn serve(
             _ = shutdown.changed() => break,
         };
         let _ = stream.set_nodelay(true);
+        // Backpressure before shedding: a well-behaved client queues calls beyond this in its
+        // own process. Read per connection, so a live change applies to new connections.
+        let streams = upstream.policy.borrow().limits.streams_per_connection;
         let upstream = upstream.clone();
         let service = hyper::service::service_fn(move |request: http::Request<_>| {
             let upstream = upstream.clone();
             async move {
                 let size = header_list_size(&request);
                 if size > MAX_REQUEST_HEADERS {
-                    return Ok::<_, Infallible>(refuse_headers(&upstream, &request, size));
+                    let refused = refuse_headers(&upstream, &request, size);
+                    return Ok::<_, Infallible>(refused.map(|body| AdmittedBody::new(body, None)));
                 }
-                Ok::<_, Infallible>(crate::outbound::call::handle_call(upstream, request).await)
+                let permit = match upstream.admit() {
+                    Ok(permit) => permit,
+                    Err(shed) => return Ok(shed_call(&upstream, &request, shed)),
+                };
+                let response = crate::outbound::call::handle_call(upstream, request).await;
+                Ok::<_, Infallible>(response.map(|body| AdmittedBody::new(body, Some(permit))))
             }
         });
-        let builder = builder.clone();
+        let mut builder = builder.clone();
+        builder.max_concurrent_streams(streams);
         let watcher = graceful.watcher();
         let misuse = misuse.clone();
         let mut stop = shutdown.clone();
@@ -229,6 +241,40 @@ pub async fn serve(
         });
     }
     let _ = tokio::time::timeout(drain, graceful.shutdown()).await;
+}
+
+/// A call over a cap on calls in flight: answered at once, trailers-only `UNAVAILABLE` naming
+/// the cap (see [`admission`] for why that status), counted, and logged once per cap.
+fn shed_call<B>(
+    upstream: &Upstream,
+    request: &http::Request<B>,
+    shed: admission::Shed,
+) -> http::Response<AdmittedBody> {
+    let all = metrics();
+    all.calls_shed
+        .get_or_create(&crate::metrics::ShedLabels {
+            upstream: upstream.name.clone(),
+            limit: shed.label(),
+        })
+        .inc();
+    all.calls
+        .get_or_create(&CallLabels {
+            upstream: upstream.name.clone(),
+            method: all.method_label(request.uri().path()),
+            status: Code::Unavailable.name(),
+            tier: "none",
+        })
+        .inc();
+    static LOGGED: [AtomicBool; 2] = [AtomicBool::new(false), AtomicBool::new(false)];
+    let index = usize::from(matches!(shed, admission::Shed::Upstream { .. }));
+    if !LOGGED[index].swap(true, Ordering::Relaxed) {
+        tracing::warn!(upstream = %upstream.name, cap = shed.label(), "{} (logged once; counted in locality_sidecar_calls_shed_total)", shed.message(&upstream.name));
+    }
+    grpc::trailers_only_response(
+        Code::Unavailable,
+        &shed.message(&upstream.name),
+        AdmittedBody::new(attempt::ResponseBody::Empty, None),
+    )
 }
 
 /// A call whose metadata is over [`MAX_REQUEST_HEADERS`]: answered trailers-only with

@@ -1,6 +1,7 @@
 //! One configured upstream and the state its calls share: the live ranking of its endpoints,
 //! the QUIC pool, the live policy, the A6 retry-throttling bucket, the process's replay budget,
-//! and its metric series, resolved once here rather than looked up on every attempt.
+//! its caps on calls in flight, and its metric series, resolved once here rather than looked up
+//! on every attempt.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -13,6 +14,7 @@ use crate::config::service_config::ThrottlingPolicy;
 use crate::config::Tier;
 use crate::endpoints::ranking::RankingWatch;
 use crate::metrics::{metrics, TierLabels};
+use crate::outbound::admission::{admit, Gate, Permit, Shed};
 use crate::outbound::replay::ReplayBudget;
 use crate::wire::quic::ConnectionPool;
 
@@ -29,6 +31,32 @@ pub struct Upstream {
     pub throttle: RetryThrottle,
     pub replay_budget: Arc<ReplayBudget>,
     pub metrics: UpstreamMetrics,
+    /// Calls in flight to this upstream against `limits.maxCallsPerUpstream`.
+    pub admission: Arc<Gate>,
+    /// Calls in flight over all upstreams against `limits.maxCallsInFlight` (shared).
+    pub process_admission: Arc<Gate>,
+}
+
+impl Upstream {
+    /// Admits a call under the live caps, or says which one is full.
+    pub fn admit(&self) -> Result<Permit, Shed> {
+        let limits = self.policy.borrow().limits;
+        self.process_admission.set_limit(limits.process);
+        self.admission.set_limit(limits.per_upstream);
+        admit(&self.process_admission, &self.admission)
+    }
+}
+
+/// The gate of calls in flight to upstream `name` (`"all"`: the process), its count and cap in
+/// the `calls_in_flight` gauges.
+pub fn admission_gate(name: &str, limit: usize) -> Arc<Gate> {
+    let labels = crate::metrics::upstream(name);
+    let all = metrics();
+    Gate::with_gauges(
+        limit,
+        all.calls_in_flight.get_or_create(&labels).clone(),
+        all.calls_in_flight_limit.get_or_create(&labels).clone(),
+    )
 }
 
 /// This upstream's metric series. Counters and histograms are shared handles: incrementing a

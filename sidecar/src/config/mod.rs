@@ -250,7 +250,7 @@ impl LimitsConfig {
             per_upstream: self.max_calls_per_upstream.unwrap_or(process),
             streams_per_connection: self
                 .max_streams_per_connection
-                .unwrap_or(u32::try_from(process).unwrap_or(u32::MAX)),
+                .unwrap_or(crate::outbound::admission::streams_per_connection(process)),
         }
     }
 }

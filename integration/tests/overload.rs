@@ -219,3 +219,86 @@ fn a_zero_cap_is_refused_by_check_config() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("limits.maxCallsInFlight"), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hot_caller_over_its_share_of_an_app_is_turned_to_other_pods_without_failures() {
+    // The same-node pod's sidecar lets one peer connection hold 2 calls at its app; the client
+    // (strict locality, so only refusals move calls) sends 12 slow calls at once: 2 are served
+    // there, the rest are refused as not processed and retried on the other node's pod.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let certs = generate_certs(&dir.path().join("certs"), &[]);
+    let mut pods = Vec::new();
+    for (name, inbound_limits) in [
+        (
+            "echo-near",
+            json!({"maxCallsToApp": 4, "maxCallsPerPeer": 2}),
+        ),
+        ("echo-far", json!({})),
+    ] {
+        let echo = spawn_echo_server(SocketAddr::from((next_loopback_ip(), 0)), name)
+            .await
+            .expect("echo");
+        let (quic, admin) = (free_udp_addr(), free_tcp_addr());
+        let config = server_sidecar_config(quic, echo.addr(), &certs.tls(), admin);
+        let mut config: serde_json::Value = serde_yaml_ng::from_str(&config).expect("yaml");
+        config["inbound"]["limits"] = inbound_limits;
+        let sidecar = Sidecar::start(
+            name,
+            dir.path(),
+            &serde_yaml_ng::to_string(&config).expect("yaml"),
+            admin,
+        )
+        .await;
+        pods.push((name, quic, sidecar, echo));
+    }
+    let (app_addr, admin) = (free_tcp_addr(), free_tcp_addr());
+    let config = client_sidecar_config(
+        app_addr,
+        "echo",
+        &[
+            StaticEndpoint::new(pods[0].1, "node-a", "z1").with_pod("echo-near"),
+            StaticEndpoint::new(pods[1].1, "node-b", "z1").with_pod("echo-far"),
+        ],
+        &certs.tls(),
+        admin,
+    );
+    let mut config: serde_json::Value = serde_yaml_ng::from_str(&config).expect("yaml");
+    config["locality"] = json!({"strict": true});
+    let _client = Sidecar::start_with(
+        "client",
+        dir.path(),
+        &serde_yaml_ng::to_string(&config).expect("yaml"),
+        admin,
+        &[],
+        &[("NODE_NAME".to_string(), "node-a".to_string())],
+    )
+    .await;
+
+    let results = burst(app_addr, 12, 500).await;
+    assert!(
+        results.iter().all(Result::is_ok),
+        "refused calls were not processed, so they moved: {:?}",
+        results.iter().find(|r| r.is_err())
+    );
+    let near_started = pods[0].3.state().calls_started();
+    let far_started = pods[1].3.state().calls_started();
+    eprintln!("near app started {near_started} calls, far app {far_started}");
+    // The warm-up call plus at most 2 at a time of the burst's first wave reached the near app.
+    assert!(
+        near_started <= 3,
+        "the near app held at most its share: {near_started}"
+    );
+    assert!(
+        far_started >= 10,
+        "the rest went to the far pod: {far_started}"
+    );
+    let near_metrics = metrics(&pods[0].2).await;
+    assert!(
+        metric_sum(
+            &near_metrics,
+            "locality_sidecar_inbound_limited_total",
+            &["limit=\"calls_per_peer\""]
+        ) >= 1.0,
+        "refusals counted"
+    );
+}

@@ -30,6 +30,7 @@ use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::Instant;
 
 use crate::config::InboundLimits;
+use crate::limits::{admit, Full, Gate, Permit};
 use crate::metrics::{metrics, DirectionLabels, LimitLabels, StatusLabels};
 use crate::wire::body::{
     pump_body, pump_into_h2, start_pump, H2RecvBody, H3RecvBody, H3Send, PumpEnd,
@@ -57,6 +58,12 @@ pub struct Guard {
     connections: Mutex<HashMap<IpAddr, u32>>,
     /// Set while connections are being refused, so a flood is logged once.
     refusing: AtomicBool,
+    /// Calls at the local app over all peers, against `inbound.limits.maxCallsToApp`.
+    to_app: Arc<Gate>,
+    /// The cap on one peer connection's calls at the app (`maxCallsPerPeer`).
+    per_peer: usize,
+    /// Set once a call was refused for a full cap, so overload is logged once.
+    overloaded: AtomicBool,
 }
 
 /// Whether a caller may call, and if not, what it is told.
@@ -67,12 +74,45 @@ pub enum Verdict {
 }
 
 impl Guard {
-    pub fn new(allow: Option<&[String]>, limits: &InboundLimits) -> Guard {
+    /// `budget_calls` is the memory budget's cap on calls in flight, the default for
+    /// `maxCallsToApp`.
+    pub fn new(allow: Option<&[String]>, limits: &InboundLimits, budget_calls: usize) -> Guard {
+        let to_app = limits.max_calls_to_app.unwrap_or(budget_calls).max(1);
+        let labels = crate::metrics::upstream("inbound");
         Guard {
             allow: allow.map(|list| list.iter().cloned().collect()),
             limits: limits.clone(),
             connections: Mutex::new(HashMap::new()),
             refusing: AtomicBool::new(false),
+            to_app: Gate::with_gauges(
+                to_app,
+                metrics().calls_in_flight.get_or_create(&labels).clone(),
+                metrics()
+                    .calls_in_flight_limit
+                    .get_or_create(&labels)
+                    .clone(),
+            ),
+            per_peer: limits.max_calls_per_peer.unwrap_or(to_app / 2).max(1),
+            overloaded: AtomicBool::new(false),
+        }
+    }
+
+    /// A call's place at the app under the overall and its connection's cap; a refusal is
+    /// counted and logged once, and the caller resets the stream as not processed.
+    fn admit_call(&self, connection: &Arc<Gate>) -> Option<Permit> {
+        match admit(&self.to_app, connection) {
+            Ok(permit) => Some(permit),
+            Err(full) => {
+                let (limit, name, cap) = match full {
+                    Full::Wide { limit } => ("calls_to_app", "maxCallsToApp", limit),
+                    Full::Narrow { limit } => ("calls_per_peer", "maxCallsPerPeer", limit),
+                };
+                count_limited(limit);
+                if !self.overloaded.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(cap, "calls to the local app at inbound.limits.{name}: more are refused as not processed (the caller's sidecar retries them on another pod); logged once, counted in locality_sidecar_inbound_limited_total");
+                }
+                None
+            }
         }
     }
 
@@ -479,6 +519,8 @@ async fn serve_connection(
             return;
         }
     };
+    // This connection's calls at the app, against `maxCallsPerPeer`.
+    let per_peer = Gate::new(guard.per_peer);
     // Every call holds a receiver: `closed()` resolves once none is open. Cheaper per call than
     // a JoinSet, which would wake this task each time a call ends.
     let (calls, _) = watch::channel(());
@@ -515,6 +557,7 @@ async fn serve_connection(
         let guard = guard.clone();
         let identity = identity.clone();
         let open = calls.subscribe();
+        let per_peer = per_peer.clone();
         let header_timeout = guard.limits.header_timeout;
         // Boxed: the call's future is 5 KiB, which a task would copy on spawn and again at its
         // end (see `h2_settings::BoxingExecutor`).
@@ -522,7 +565,13 @@ async fn serve_connection(
             // Dropped unresolved when the headers take too long: the stream is stopped.
             match tokio::time::timeout(header_timeout, resolver.resolve_request()).await {
                 Ok(Ok((request, stream))) => {
-                    let (send, recv) = stream.split();
+                    let (mut send, recv) = stream.split();
+                    let Some(_place) = guard.admit_call(&per_peer) else {
+                        // Not processed: the caller's sidecar retries it on another pod.
+                        send.reset(H3Code::H3_REQUEST_REJECTED);
+                        drop(open);
+                        return;
+                    };
                     handle_call(request, send, recv, &app, &guard, identity.as_deref()).await;
                 }
                 Ok(Err(error)) => tracing::debug!(%remote, %error, "peer request unreadable"),
@@ -807,10 +856,10 @@ mod tests {
     #[test]
     fn only_listed_identities_are_allowed_when_a_list_is_given() {
         let limits = InboundLimits::default();
-        let open = Guard::new(None, &limits);
+        let open = Guard::new(None, &limits, 100);
         assert_eq!(open.authorize(None), Verdict::Allowed);
         let frontend = "spiffe://td/ns/default/sa/frontend".to_string();
-        let listed = Guard::new(Some(std::slice::from_ref(&frontend)), &limits);
+        let listed = Guard::new(Some(std::slice::from_ref(&frontend)), &limits, 100);
         assert_eq!(listed.authorize(Some(&frontend)), Verdict::Allowed);
         let Verdict::Denied(message) = listed.authorize(Some("spiffe://td/ns/default/sa/other"))
         else {
@@ -836,12 +885,36 @@ mod tests {
     }
 
     #[test]
+    fn one_peer_connection_gets_at_most_its_share_of_the_app() {
+        let limits = InboundLimits {
+            max_calls_to_app: Some(4),
+            ..InboundLimits::default()
+        };
+        let guard = Guard::new(None, &limits, 100);
+        let (hot, other) = (Gate::new(guard.per_peer), Gate::new(guard.per_peer));
+        let held: Vec<Permit> = (0..2).filter_map(|_| guard.admit_call(&hot)).collect();
+        assert_eq!(held.len(), 2, "half of 4");
+        assert!(
+            guard.admit_call(&hot).is_none(),
+            "the hot caller is over its share"
+        );
+        let others: Vec<Permit> = (0..3).filter_map(|_| guard.admit_call(&other)).collect();
+        assert_eq!(
+            others.len(),
+            2,
+            "the others still get in, up to the overall cap"
+        );
+        drop(held);
+        assert!(guard.admit_call(&hot).is_some());
+    }
+
+    #[test]
     fn connections_per_peer_are_capped_and_given_back() {
         let limits = InboundLimits {
             max_connections_per_peer: 2,
             ..InboundLimits::default()
         };
-        let guard = Arc::new(Guard::new(None, &limits));
+        let guard = Arc::new(Guard::new(None, &limits, 100));
         let peer = IpAddr::from([127, 0, 0, 9]);
         let first = guard.admit(peer).unwrap();
         let _second = guard.admit(peer).unwrap();

@@ -15,6 +15,7 @@ pub mod admin;
 pub mod config;
 pub mod endpoints;
 pub mod inbound;
+pub mod limits;
 pub mod metrics;
 pub mod outbound;
 pub mod sidecar;

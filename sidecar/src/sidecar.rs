@@ -154,7 +154,14 @@ async fn bind(config: &Config, tls: Option<&Arc<LiveTls>>) -> Result<Sockets, St
                     field: "inbound.listen".to_string(),
                     source,
                 })?;
-            let guard = crate::inbound::Guard::new(inbound.allow.as_deref(), &inbound.limits);
+            let budget_calls = config
+                .limits
+                .resolve(
+                    *crate::limits::CGROUP_LIMIT.get_or_init(crate::limits::cgroup_memory_limit),
+                )
+                .process;
+            let guard =
+                crate::inbound::Guard::new(inbound.allow.as_deref(), &inbound.limits, budget_calls);
             Some((endpoint, app, guard))
         }
         // Validation requires `tls` with `inbound`.
@@ -268,7 +275,7 @@ async fn build(
         max_calls_in_flight = limits.process,
         max_calls_per_upstream = limits.per_upstream,
         max_streams_per_connection = limits.streams_per_connection,
-        cgroup_memory_limit = ?crate::outbound::admission::CGROUP_LIMIT.get().copied().flatten(),
+        cgroup_memory_limit = ?crate::limits::CGROUP_LIMIT.get().copied().flatten(),
         "caps on calls in flight"
     );
     crate::metrics::metrics().init_process();

@@ -292,7 +292,7 @@ pub struct LivePolicy {
     pub outlier: crate::config::OutlierDetection,
     pub locality: crate::config::LocalityConfig,
     /// The caps on calls in flight, resolved against the container's memory limit.
-    pub limits: crate::outbound::admission::CallLimits,
+    pub limits: crate::limits::CallLimits,
 }
 
 impl LivePolicy {
@@ -302,8 +302,7 @@ impl LivePolicy {
             outlier: config.outlier_detection.clone(),
             locality: config.locality.clone(),
             limits: config.limits.resolve(
-                *crate::outbound::admission::CGROUP_LIMIT
-                    .get_or_init(crate::outbound::admission::cgroup_memory_limit),
+                *crate::limits::CGROUP_LIMIT.get_or_init(crate::limits::cgroup_memory_limit),
             ),
         }
     }

@@ -167,6 +167,12 @@ pub struct InboundLimits {
     pub max_concurrent_streams: u32,
     /// Open connections per peer IP address.
     pub max_connections_per_peer: u32,
+    /// Calls handed to the local app at once over all peers (default: the memory budget's cap
+    /// on calls in flight, as `limits.maxCallsInFlight`).
+    pub max_calls_to_app: Option<usize>,
+    /// Calls one peer connection may have at the local app at once (default: half of
+    /// `maxCallsToApp`), so one hot caller cannot take every place.
+    pub max_calls_per_peer: Option<usize>,
 }
 
 impl Default for InboundLimits {
@@ -177,6 +183,8 @@ impl Default for InboundLimits {
             max_pending_header_bytes: 1024 * 1024,
             max_concurrent_streams: 4096,
             max_connections_per_peer: 16,
+            max_calls_to_app: None,
+            max_calls_per_peer: None,
         }
     }
 }
@@ -236,8 +244,8 @@ pub struct LimitsConfig {
 
 impl LimitsConfig {
     /// The caps in force, given the container's memory limit if it has one.
-    pub fn resolve(&self, cgroup_limit: Option<u64>) -> crate::outbound::admission::CallLimits {
-        use crate::outbound::admission::{limits_for_budget, DEFAULT_BUDGET_BYTES};
+    pub fn resolve(&self, cgroup_limit: Option<u64>) -> crate::limits::CallLimits {
+        use crate::limits::{limits_for_budget, DEFAULT_BUDGET_BYTES};
         let budget = self
             .memory_budget_mib
             .map(|mib| mib.saturating_mul(1024 * 1024))
@@ -245,12 +253,12 @@ impl LimitsConfig {
             .unwrap_or(DEFAULT_BUDGET_BYTES);
         let derived = limits_for_budget(budget);
         let process = self.max_calls_in_flight.unwrap_or(derived.process);
-        crate::outbound::admission::CallLimits {
+        crate::limits::CallLimits {
             process,
             per_upstream: self.max_calls_per_upstream.unwrap_or(process),
             streams_per_connection: self
                 .max_streams_per_connection
-                .unwrap_or(crate::outbound::admission::streams_per_connection(process)),
+                .unwrap_or(crate::limits::streams_per_connection(process)),
         }
     }
 }

@@ -13,8 +13,9 @@ use crate::config::live::PolicyWatch;
 use crate::config::service_config::ThrottlingPolicy;
 use crate::config::Tier;
 use crate::endpoints::ranking::RankingWatch;
+use crate::limits::{admit, Gate, Permit};
 use crate::metrics::{metrics, TierLabels};
-use crate::outbound::admission::{admit, Gate, Permit, Shed};
+use crate::outbound::admission::Shed;
 use crate::outbound::replay::ReplayBudget;
 use crate::wire::quic::ConnectionPool;
 
@@ -43,7 +44,7 @@ impl Upstream {
         let limits = self.policy.borrow().limits;
         self.process_admission.set_limit(limits.process);
         self.admission.set_limit(limits.per_upstream);
-        admit(&self.process_admission, &self.admission)
+        admit(&self.process_admission, &self.admission).map_err(Shed::from)
     }
 }
 

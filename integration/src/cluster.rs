@@ -266,6 +266,30 @@ impl Cluster {
             .sum()
     }
 
+    /// Rewrites the client's ConfigMap (`watch_configmap` clusters): `change` edits the config
+    /// as JSON, and the result is applied through the API as an operator's edit would be.
+    pub fn update_config(&self, change: impl FnOnce(&mut serde_json::Value)) {
+        let configmap = self
+            .kube
+            .get_config_map(NAMESPACE, CONFIGMAP)
+            .expect("the cluster watches a ConfigMap");
+        let text = configmap
+            .data
+            .as_ref()
+            .and_then(|data| data.get("config.yaml"))
+            .cloned()
+            .expect("the ConfigMap has config.yaml");
+        let mut config: serde_json::Value =
+            serde_yaml_ng::from_str(&text).expect("the ConfigMap holds YAML");
+        change(&mut config);
+        self.kube.apply_config_map(fake_kube::config_map(
+            NAMESPACE,
+            CONFIGMAP,
+            "config.yaml",
+            &serde_yaml_ng::to_string(&config).expect("config serialises"),
+        ));
+    }
+
     /// The client sidecar's `/endpoints` view.
     pub async fn endpoints_view(&self) -> serde_json::Value {
         let (status, body) = http_get(self.client.admin_addr(), "/endpoints")

@@ -45,6 +45,26 @@ impl LoadReport {
     }
 }
 
+/// One unary call asking for `service_ms` of service time (10 s deadline): its latency and
+/// the pod that answered.
+async fn one_call(
+    mut client: EchoClient<Channel>,
+    service_ms: u32,
+) -> (Duration, Result<String, tonic::Status>) {
+    let mut request = tonic::Request::new(EchoRequest {
+        payload: bytes::Bytes::from_static(b"load"),
+        delay_ms: service_ms,
+        ..Default::default()
+    });
+    request.set_timeout(Duration::from_secs(10));
+    let started = Instant::now();
+    let answer = client
+        .unary(request)
+        .await
+        .map(|reply| reply.into_inner().server);
+    (started.elapsed(), answer)
+}
+
 /// Makes `calls` unary calls, `concurrency` outstanding at a time, each asking the server to
 /// take `service_ms` (plus whatever its capacity makes it queue). Each call has a 10 s deadline.
 pub async fn closed_loop(
@@ -54,23 +74,7 @@ pub async fn closed_loop(
     service_ms: u32,
 ) -> LoadReport {
     let results: Vec<(Duration, Result<String, tonic::Status>)> = futures::stream::iter(0..calls)
-        .map(|_| {
-            let mut client = client.clone();
-            async move {
-                let mut request = tonic::Request::new(EchoRequest {
-                    payload: bytes::Bytes::from_static(b"load"),
-                    delay_ms: service_ms,
-                    ..Default::default()
-                });
-                request.set_timeout(Duration::from_secs(10));
-                let started = Instant::now();
-                let answer = client
-                    .unary(request)
-                    .await
-                    .map(|reply| reply.into_inner().server);
-                (started.elapsed(), answer)
-            }
-        })
+        .map(|_| one_call(client.clone(), service_ms))
         .buffer_unordered(concurrency.max(1))
         .collect()
         .await;
@@ -104,21 +108,7 @@ pub async fn open_loop(
     let mut calls = tokio::task::JoinSet::new();
     while started.elapsed() < duration {
         ticks.tick().await;
-        let mut client = client.clone();
-        calls.spawn(async move {
-            let mut request = tonic::Request::new(EchoRequest {
-                payload: bytes::Bytes::from_static(b"load"),
-                delay_ms: service_ms,
-                ..Default::default()
-            });
-            request.set_timeout(Duration::from_secs(10));
-            let started = Instant::now();
-            let answer = client
-                .unary(request)
-                .await
-                .map(|reply| reply.into_inner().server);
-            (started.elapsed(), answer)
-        });
+        calls.spawn(one_call(client.clone(), service_ms));
     }
     let mut report = LoadReport::default();
     while let Some(joined) = calls.join_next().await {

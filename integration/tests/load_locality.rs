@@ -9,7 +9,7 @@
 
 use std::time::Duration;
 
-use integration::cluster::{Cluster, ClusterSpec, CONFIGMAP, NAMESPACE};
+use integration::cluster::{Cluster, ClusterSpec};
 use integration::harness::{echo_client, metric_sum, within};
 use integration::load::{closed_loop, LoadReport};
 use serde_json::json;
@@ -160,26 +160,9 @@ async fn strict_locality_stays_local_under_hot_load_until_turned_off_live() {
     assert_eq!(spill_state(&cluster).await, "strict");
 
     // Turning strict off through the ConfigMap lets the same load spill.
-    let configmap = cluster
-        .kube
-        .get_config_map(NAMESPACE, CONFIGMAP)
-        .expect("the configmap exists");
-    let text = configmap
-        .data
-        .as_ref()
-        .and_then(|data| data.get("config.yaml"))
-        .cloned()
-        .expect("config.yaml");
-    let mut config: serde_json::Value = serde_yaml_ng::from_str(&text).expect("yaml");
-    config["locality"] = json!({"spillOver": {"low": 0.5, "high": 1.5}});
-    cluster
-        .kube
-        .apply_config_map(integration::fake_kube::config_map(
-            NAMESPACE,
-            CONFIGMAP,
-            "config.yaml",
-            &serde_yaml_ng::to_string(&config).expect("yaml"),
-        ));
+    cluster.update_config(|config| {
+        config["locality"] = json!({"spillOver": {"low": 0.5, "high": 1.5}});
+    });
     within(
         Duration::from_secs(10),
         "the new locality settings",

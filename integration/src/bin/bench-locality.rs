@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use integration::cluster::{Cluster, ClusterSpec, CONFIGMAP, NAMESPACE};
+use integration::cluster::{Cluster, ClusterSpec};
 use integration::harness::echo_client;
 use integration::load::closed_loop;
 use serde_json::json;
@@ -39,26 +39,7 @@ const MODES: [(&str, &str); 3] = [
 ];
 
 async fn switch(cluster: &Cluster, locality: &serde_json::Value) -> anyhow::Result<()> {
-    let configmap = cluster
-        .kube
-        .get_config_map(NAMESPACE, CONFIGMAP)
-        .ok_or_else(|| anyhow::anyhow!("no configmap"))?;
-    let text = configmap
-        .data
-        .as_ref()
-        .and_then(|data| data.get("config.yaml"))
-        .cloned()
-        .ok_or_else(|| anyhow::anyhow!("no config.yaml"))?;
-    let mut config: serde_json::Value = serde_yaml_ng::from_str(&text)?;
-    config["locality"] = locality.clone();
-    cluster
-        .kube
-        .apply_config_map(integration::fake_kube::config_map(
-            NAMESPACE,
-            CONFIGMAP,
-            "config.yaml",
-            &serde_yaml_ng::to_string(&config)?,
-        ));
+    cluster.update_config(|config| config["locality"] = locality.clone());
     let want_strict = locality["strict"] == json!(true);
     let want_blind = locality["tiers"] == json!(["any"]);
     for _ in 0..200 {

@@ -49,7 +49,8 @@ pub struct ClusterSpec {
     pub client_node: String,
     /// The client sidecar's `serviceConfig`, if any.
     pub service_config: Option<serde_json::Value>,
-    /// Extra top-level config sections for the client sidecar (e.g. outlierDetection).
+    /// Extra top-level config sections for the client sidecar (e.g. outlierDetection). Without
+    /// a `locality` section the client runs with `locality: {strict: true}`.
     pub client_extra: serde_json::Value,
     /// Have the client sidecar watch the `locality-sidecar` ConfigMap (`--configmap`).
     pub watch_configmap: bool,
@@ -159,6 +160,13 @@ impl Cluster {
             for (key, value) in extra {
                 config[key] = value.clone();
             }
+        }
+        // Tests of discovery, fall-through and failures assert where calls land under loads of
+        // several calls at once, which load-aware spill-over would spread over the tiers: they
+        // run with strict locality unless the spec sets `locality` itself (load_locality.rs
+        // tests spill-over, with `locality` given).
+        if config.get("locality").is_none() {
+            config["locality"] = json!({"strict": true});
         }
         let config_text = serde_yaml_ng::to_string(&config).expect("config serialises");
         if spec.watch_configmap {

@@ -81,7 +81,7 @@ async fn spill_state(cluster: &Cluster) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn light_load_stays_local_hot_load_spills_and_comes_back() {
-    let cluster = start(json!({}), false).await;
+    let cluster = start(json!({"locality": {}}), false).await;
 
     let light = run(&cluster, "light (1 call at a time)", 1, 100).await;
     assert!(
@@ -187,7 +187,9 @@ async fn strict_locality_stays_local_under_hot_load_until_turned_off_live() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_local_pod_sheds_its_calls_and_gets_them_back_when_it_recovers() {
     // Pods without a capacity limit here: only the local pod's speed changes.
-    let cluster = Cluster::start(ClusterSpec::three_nodes(1)).await;
+    let mut spec = ClusterSpec::three_nodes(1);
+    spec.client_extra = json!({"locality": {}});
+    let cluster = Cluster::start(spec).await;
     let client = echo_client(cluster.app_addr).await;
     let local_app = cluster.pod(LOCAL).app.as_ref().expect("the local app runs");
     let open =
@@ -233,7 +235,7 @@ async fn a_slow_local_pod_sheds_its_calls_and_gets_them_back_when_it_recovers() 
 async fn open_streams_are_not_load() {
     // A producer holding streams open to the local pod (answered, idle) and making light unary
     // calls beside them: the streams do not count as waiting calls, so nothing spills.
-    let cluster = start(json!({}), false).await;
+    let cluster = start(json!({"locality": {}}), false).await;
     let client = echo_client(cluster.app_addr).await;
     let mut streams = Vec::new();
     for index in 0..10 {

@@ -199,7 +199,7 @@ async fn main() -> anyhow::Result<()> {
         }]
     }));
     // Short ejections so the demo shows the pod coming back within seconds.
-    spec.client_extra = json!({"outlierDetection": {"consecutiveFailures": 3, "baseEjectionTime": "2s", "maxEjectionTime": "10s", "maxEjectionPercent": 50}});
+    spec.client_extra = json!({"outlierDetection": {"consecutiveFailures": 3, "baseEjectionTime": "2s", "maxEjectionTime": "10s", "maxEjectionPercent": 50}, "locality": {}});
     let mut cluster = Cluster::start(spec).await;
     let client = echo_client(cluster.app_addr).await;
     println!("the client sidecar ranks: {}\n", ranking(&cluster).await);

@@ -66,6 +66,14 @@ pub struct DirectionLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerConnectionLabels {
+    /// `outbound` (we dialled) or `inbound` (a peer dialled us).
+    pub direction: &'static str,
+    /// `h3` (QUIC) or `h2` (HTTP/2 over TLS on TCP: the fallback when UDP is blocked).
+    pub protocol: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReloadLabels {
     /// `file` or `configmap`.
     pub source: &'static str,
@@ -117,6 +125,10 @@ pub struct Metrics {
     pub ejections: Family<UpstreamLabels, Counter>,
     pub ejected_endpoints: Family<UpstreamLabels, Gauge>,
     pub quic_connections_opened: Family<DirectionLabels, Counter>,
+    /// Connections between sidecars open now, by direction and protocol.
+    pub peer_connections: Family<PeerConnectionLabels, Gauge>,
+    /// Outbound connections made over HTTP/2 because QUIC got no answer from the peer.
+    pub h2_fallbacks: Counter,
     pub quic_connections_lost: Family<DirectionLabels, Counter>,
     /// Outbound connections a restarted peer reset (stateless reset).
     pub quic_connections_reset: Counter,
@@ -205,6 +217,18 @@ impl Metrics {
             "quic_connections_opened",
             "QUIC connections established",
             quic_connections_opened.clone(),
+        );
+        let peer_connections = Family::default();
+        registry.register(
+            "peer_connections",
+            "Connections between sidecars open now, by direction and protocol (h3: QUIC; h2: HTTP/2 over TLS, the fallback when UDP is blocked)",
+            peer_connections.clone(),
+        );
+        let h2_fallbacks = Counter::default();
+        registry.register(
+            "h2_fallbacks",
+            "Outbound peer connections made over HTTP/2 on TCP because QUIC got no answer",
+            h2_fallbacks.clone(),
         );
         let hedges = Family::default();
         registry.register(
@@ -370,6 +394,8 @@ impl Metrics {
             ejections,
             ejected_endpoints,
             quic_connections_opened,
+            peer_connections,
+            h2_fallbacks,
             quic_connections_lost,
             quic_connections_reset,
             quic_dead_connections,
@@ -471,6 +497,12 @@ impl Metrics {
     /// Creates the process-wide series at zero (see [`Metrics::init_upstream`]).
     pub fn init_process(&self) {
         for direction in ["outbound", "inbound"] {
+            for protocol in ["h3", "h2"] {
+                drop(self.peer_connections.get_or_create(&PeerConnectionLabels {
+                    direction,
+                    protocol,
+                }));
+            }
             drop(
                 self.quic_connections_opened
                     .get_or_create(&DirectionLabels { direction }),
@@ -500,5 +532,28 @@ pub fn metrics() -> &'static Metrics {
 pub fn upstream(name: impl Into<Arc<str>>) -> UpstreamLabels {
     UpstreamLabels {
         upstream: name.into(),
+    }
+}
+
+/// One open connection between sidecars, counted in `peer_connections` until dropped.
+pub struct OpenPeerConnection(Gauge);
+
+impl OpenPeerConnection {
+    pub fn new(direction: &'static str, protocol: &'static str) -> OpenPeerConnection {
+        let gauge = metrics()
+            .peer_connections
+            .get_or_create(&PeerConnectionLabels {
+                direction,
+                protocol,
+            })
+            .clone();
+        gauge.inc();
+        OpenPeerConnection(gauge)
+    }
+}
+
+impl Drop for OpenPeerConnection {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }

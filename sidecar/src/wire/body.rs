@@ -59,20 +59,23 @@ macro_rules! impl_h3_recv {
 impl_h3_recv!(ClientRecv);
 impl_h3_recv!(ServerRecv);
 
-/// The sending half of an HTTP/3 request stream, client or server side.
+/// The sending half of a stream between sidecars: HTTP/3 (client or server side), or HTTP/2 on
+/// the TCP fallback ([`crate::wire::h2_peer::H2PeerSend`]). Reset codes are HTTP/3's in both.
 pub trait H3Send: Send + 'static {
-    fn send_data(&mut self, data: Bytes) -> impl Future<Output = Result<(), StreamError>> + Send;
+    type Error: std::fmt::Display;
+    fn send_data(&mut self, data: Bytes) -> impl Future<Output = Result<(), Self::Error>> + Send;
     fn send_trailers(
         &mut self,
         trailers: HeaderMap,
-    ) -> impl Future<Output = Result<(), StreamError>> + Send;
-    fn finish(&mut self) -> impl Future<Output = Result<(), StreamError>> + Send;
+    ) -> impl Future<Output = Result<(), Self::Error>> + Send;
+    fn finish(&mut self) -> impl Future<Output = Result<(), Self::Error>> + Send;
     fn reset(&mut self, code: H3Code);
 }
 
 macro_rules! impl_h3_send {
     ($stream:ty) => {
         impl H3Send for $stream {
+            type Error = StreamError;
             fn send_data(
                 &mut self,
                 data: Bytes,
@@ -126,6 +129,24 @@ impl StreamFailure {
             peer_reset,
             description,
             reason: reason.into(),
+        }
+    }
+
+    /// The peer reset the stream with `code`.
+    pub fn peer_reset(code: H3Code, description: String) -> StreamFailure {
+        StreamFailure {
+            peer_reset: Some(code),
+            description,
+            reason: grpc::h2_reason_for_h3_code(code).into(),
+        }
+    }
+
+    /// The connection under the stream failed.
+    pub fn transport(description: String) -> StreamFailure {
+        StreamFailure {
+            peer_reset: None,
+            description,
+            reason: h2::Reason::INTERNAL_ERROR.into(),
         }
     }
 

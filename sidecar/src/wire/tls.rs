@@ -445,27 +445,47 @@ impl LiveTls {
 
     /// The inbound side: requires a client certificate from the current CA and presents the
     /// current certificate.
-    pub fn quic_server_config(self: &Arc<Self>) -> Result<QuicServerConfig, TlsError> {
+    fn server_config(self: &Arc<Self>, alpn: &[u8]) -> Result<rustls::ServerConfig, TlsError> {
         let mut config = rustls::ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| TlsError::Build(e.to_string()))?
             .with_client_cert_verifier(Arc::new(LiveClientVerifier(self.clone())))
             .with_cert_resolver(Arc::new(LiveResolver(self.clone())));
-        config.alpn_protocols = vec![ALPN_H3.to_vec()];
-        QuicServerConfig::try_from(config).map_err(|e| TlsError::Build(e.to_string()))
+        config.alpn_protocols = vec![alpn.to_vec()];
+        Ok(config)
     }
 
     /// The outbound side: verifies the upstream against the current CA and presents the
     /// current certificate.
-    pub fn quic_client_config(self: &Arc<Self>) -> Result<QuicClientConfig, TlsError> {
+    fn client_config(self: &Arc<Self>, alpn: &[u8]) -> Result<rustls::ClientConfig, TlsError> {
         let mut config = rustls::ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| TlsError::Build(e.to_string()))?
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(LiveServerVerifier(self.clone())))
             .with_client_cert_resolver(Arc::new(LiveResolver(self.clone())));
-        config.alpn_protocols = vec![ALPN_H3.to_vec()];
-        QuicClientConfig::try_from(config).map_err(|e| TlsError::Build(e.to_string()))
+        config.alpn_protocols = vec![alpn.to_vec()];
+        Ok(config)
+    }
+
+    pub fn quic_server_config(self: &Arc<Self>) -> Result<QuicServerConfig, TlsError> {
+        QuicServerConfig::try_from(self.server_config(ALPN_H3)?)
+            .map_err(|e| TlsError::Build(e.to_string()))
+    }
+
+    pub fn quic_client_config(self: &Arc<Self>) -> Result<QuicClientConfig, TlsError> {
+        QuicClientConfig::try_from(self.client_config(ALPN_H3)?)
+            .map_err(|e| TlsError::Build(e.to_string()))
+    }
+
+    /// The inbound side of the HTTP/2 fallback over TCP (see [`crate::wire::h2_peer`]).
+    pub fn tcp_server_config(self: &Arc<Self>) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+        Ok(Arc::new(self.server_config(crate::wire::h2_peer::ALPN_H2)?))
+    }
+
+    /// The outbound side of the HTTP/2 fallback over TCP.
+    pub fn tcp_client_config(self: &Arc<Self>) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+        Ok(Arc::new(self.client_config(crate::wire::h2_peer::ALPN_H2)?))
     }
 }
 

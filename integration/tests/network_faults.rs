@@ -1,7 +1,8 @@
 //! The sidecar pair across a real, misbehaving link: a network namespace plays the upstream's
 //! node, joined by a veth pair, with nftables dropping packets in it (random loss, a partition).
 //! Loopback never loses a packet, so this is where loss recovery and partition handling are
-//! seen working. Needs root, iproute2 and nftables (CI runs as root; `run-tests.sh` installs
+//! seen working, and where blocked UDP sends calls over the HTTP/2 fallback on TCP and back.
+//! Needs root, iproute2 and nftables (CI runs as root; `run-tests.sh` installs
 //! them): without them these tests fail, saying so.
 
 use std::io::BufRead as _;
@@ -11,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use integration::cluster::Load;
 use integration::harness::{
-    client_sidecar_config, echo_client, free_tcp_addr, generate_certs, server_sidecar_config,
-    sidecar_binary, within, Sidecar, StaticEndpoint,
+    client_sidecar_config, echo_client, free_tcp_addr, generate_certs, http_get, metric_sum,
+    server_sidecar_config, sidecar_binary, within, Sidecar, StaticEndpoint,
 };
 use integration::load::closed_loop;
 use integration::netns::{Fault, NetNode};
@@ -20,7 +21,7 @@ use integration::netns::{Fault, NetNode};
 /// An echo app and its sidecar inside a network namespace (a node across a link).
 struct RemotePod {
     /// Kept for its lifetime (and its health check on drop).
-    _sidecar: Sidecar,
+    sidecar: Sidecar,
     app: Child,
     quic: SocketAddr,
 }
@@ -78,11 +79,7 @@ async fn start_remote_pod(
         &[],
     );
     sidecar.wait_ready().await;
-    RemotePod {
-        _sidecar: sidecar,
-        app,
-        quic,
-    }
+    RemotePod { sidecar, app, quic }
 }
 
 fn node_or_fail() -> NetNode {
@@ -245,4 +242,119 @@ async fn a_partitioned_node_loses_its_calls_to_other_nodes_within_a_second() {
     drop(client_sidecar);
     drop(far);
     drop(near);
+}
+
+/// A sidecar's `/metrics` text (empty when the admin port does not answer in time).
+async fn metrics_of(sidecar: &Sidecar) -> String {
+    match http_get(sidecar.admin_addr(), "/metrics").await {
+        Ok((200, body)) => body,
+        _ => String::new(),
+    }
+}
+
+/// Open connections between sidecars a `/metrics` text reports, by direction and protocol.
+fn peer_connections(metrics: &str, direction: &str, protocol: &str) -> f64 {
+    metric_sum(
+        metrics,
+        "locality_sidecar_peer_connections",
+        &[
+            &format!("direction=\"{direction}\""),
+            &format!("protocol=\"{protocol}\""),
+        ],
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocked_udp_sends_calls_over_http2_and_quic_returns_when_it_passes_again() {
+    let node = node_or_fail();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let certs = generate_certs(&dir.path().join("certs"), &[]);
+    let remote = start_remote_pod(&node, dir.path(), &certs.tls(), "echo-remote").await;
+    let (listen, admin) = (free_tcp_addr(), free_tcp_addr());
+    // The remote pod is the only one: no other endpoint can hide a failure.
+    let config = client_sidecar_config(
+        listen,
+        "echo",
+        &[StaticEndpoint::new(remote.quic, "node-b", "z1").with_pod("echo-remote")],
+        &certs.tls(),
+        admin,
+    );
+    let client_sidecar = Sidecar::start("client", dir.path(), &config, admin).await;
+    let client = echo_client(listen).await;
+
+    node.set_fault(Fault::UdpBlocked).expect("block UDP");
+    let blocked = within(
+        Duration::from_secs(60),
+        "50 calls with UDP blocked",
+        closed_loop(&client, 1, 50, 0),
+    )
+    .await;
+    assert!(
+        blocked.failures.is_empty(),
+        "every call succeeds over the fallback: {:?}",
+        blocked.failures.first()
+    );
+    assert_eq!(blocked.answered(), 50);
+    assert_eq!(blocked.share_of("echo-remote"), 1.0);
+    let client_metrics = metrics_of(&client_sidecar).await;
+    assert_eq!(
+        peer_connections(&client_metrics, "outbound", "h2"),
+        1.0,
+        "the client sidecar reaches the pod over HTTP/2"
+    );
+    assert_eq!(peer_connections(&client_metrics, "outbound", "h3"), 0.0);
+    assert!(metric_sum(&client_metrics, "locality_sidecar_h2_fallbacks_total", &[]) >= 1.0);
+    let server_metrics = metrics_of(&remote.sidecar).await;
+    assert_eq!(
+        peer_connections(&server_metrics, "inbound", "h2"),
+        1.0,
+        "the pod's sidecar serves the calls over HTTP/2"
+    );
+    eprintln!(
+        "UDP blocked: 50 calls, p50 {:.2} ms, slowest {:.2} ms (the first waits for the race)",
+        blocked.quantile(0.5).as_secs_f64() * 1000.0,
+        blocked.quantile(1.0).as_secs_f64() * 1000.0,
+    );
+
+    // UDP passes again, under load: calls move back to QUIC and none fails on the way.
+    let load = Load::start(&client, 2);
+    load.wait_completed(50, Duration::from_secs(20)).await;
+    node.set_fault(Fault::Clean).expect("unblock UDP");
+    let unblocked = Instant::now();
+    let back_on_quic = within(Duration::from_secs(30), "QUIC back to the pod", async {
+        loop {
+            let metrics = metrics_of(&client_sidecar).await;
+            if peer_connections(&metrics, "outbound", "h3") == 1.0 {
+                return unblocked.elapsed();
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    let at_switch = load.completed();
+    load.wait_completed(at_switch + 100, Duration::from_secs(30))
+        .await;
+    let (by_pod, failures) = load.finish(Duration::from_secs(30)).await;
+    eprintln!(
+        "UDP unblocked: QUIC back after {:.0} ms; answers {by_pod:?}; {} failed",
+        back_on_quic.as_secs_f64() * 1000.0,
+        failures.len()
+    );
+    assert!(
+        failures.is_empty(),
+        "no call fails on the way back: {:?}",
+        failures.first()
+    );
+    assert!(
+        back_on_quic < Duration::from_secs(10),
+        "QUIC returns within 10 s: took {back_on_quic:?}"
+    );
+    let server_metrics = metrics_of(&remote.sidecar).await;
+    assert_eq!(
+        peer_connections(&server_metrics, "inbound", "h3"),
+        1.0,
+        "QUIC packets reach the pod's node again"
+    );
+    drop(client_sidecar);
+    drop(remote);
 }

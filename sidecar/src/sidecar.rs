@@ -231,7 +231,10 @@ async fn build(
     let targets = targets(config)?;
     let pool = match tls {
         Some(tls) if !config.outbound.is_empty() => {
-            Some(Arc::new(ConnectionPool::new(tls.quic_client_config()?)))
+            Some(Arc::new(ConnectionPool::new(
+                tls.quic_client_config()?,
+                tls.tcp_client_config()?,
+            )))
         }
         _ => None,
     };

@@ -1,5 +1,5 @@
-//! One attempt: one HTTP/3 exchange with one upstream endpoint. It opens a stream on the
-//! endpoint's pooled QUIC connection, sends the request (replaying what earlier attempts sent),
+//! One attempt: one exchange with one upstream endpoint, over HTTP/3 (or the HTTP/2 fallback on
+//! TCP when UDP to the peer is blocked). It opens a stream on the endpoint's pooled connection, sends the request (replaying what earlier attempts sent),
 //! and classifies how it went, which is what the retry loop decides on: committed (response
 //! headers arrived), a trailers-only status, never sent (safe to retry transparently), or failed.
 
@@ -25,6 +25,8 @@ use crate::outbound::upstream::Upstream;
 use crate::wire::body::{start_pump, H3RecvBody, H3Send, PumpEnd, StreamFailure};
 use crate::wire::grpc::status_name;
 use crate::wire::grpc::{self, Code};
+use crate::wire::h2_peer::{self, H2PeerRecvBody, H2PeerSend};
+use crate::wire::quic::{H3Sender, PeerSender};
 
 type UpstreamRecv = h3::client::RequestStream<h3_quinn::RecvStream, Bytes>;
 
@@ -180,7 +182,6 @@ pub async fn attempt(
         Some(Ok(pooled)) => pooled,
     };
     let link = pooled.link;
-    let mut sender = pooled.sender;
     // Counted as waiting on the connection until response headers arrive: the connection's
     // watchdog judges the peer's silence only while someone waits.
     let waiting = link.waiting();
@@ -193,52 +194,39 @@ pub async fn attempt(
             }
         }
     };
-    let stream = match within(target.headers_by, sender.send_request(request)).await {
-        None => return timed_out(),
-        // The stream could not be opened: the connection closed or refused it, so the
-        // request went nowhere.
-        Some(Err(error)) => {
-            return AttemptOutcome::NotSent {
-                reason: label(&format!("stream refused: {error}")),
-                fresh: link.first_to_report_loss(),
-            }
-        }
-        Some(Ok(stream)) => stream,
-    };
-    let (mut send, mut recv) = stream.split();
-
     // The response side tells the request pump when to stop: H3_NO_ERROR once the response is
     // complete, H3_REQUEST_CANCELLED when the app cancelled, the deadline passed or the attempt
     // was abandoned for a retry.
-    let (stop_sender, mut stop) = oneshot::channel::<H3Code>();
-    let upstream_name = upstream.name.clone();
-    let pump_source = source.clone();
-    start_pump(async move {
-        let ended = {
-            let pump = pump_source.send_into(&mut send);
-            tokio::pin!(pump);
-            tokio::select! {
-                end = &mut pump => Ok(end),
-                code = &mut stop => Err(code.unwrap_or(H3Code::H3_REQUEST_CANCELLED)),
-            }
-        };
-        match ended {
-            Ok(PumpEnd::Complete) => {}
-            Ok(end) => tracing::debug!(upstream = %upstream_name, ?end, "request body ended early"),
-            Err(code) => send.reset(code),
+    let (stop_sender, stop) = oneshot::channel::<H3Code>();
+    let exchange = Exchange {
+        source: source.clone(),
+        stop,
+        upstream_name: upstream.name.clone(),
+    };
+    let answer = match pooled.sender {
+        PeerSender::H3(sender) => {
+            within(target.headers_by, exchange.over_h3(sender, request)).await
         }
-    })
-    .await;
-
-    let head = match within(target.headers_by, recv.recv_response()).await {
+        PeerSender::H2(sender) => {
+            within(target.headers_by, exchange.over_h2(sender, request)).await
+        }
+    };
+    let (head, body) = match answer {
         None => {
             // Dropping the attempt would leave the request pump to notice on its own; stop it
             // now so the peer hears of the cancel at once.
             let _ = stop_sender.send(H3Code::H3_REQUEST_CANCELLED);
             return timed_out();
         }
-        Some(Err(error)) => {
-            let failure = StreamFailure::from_stream_error(error);
+        // The stream could not be opened: the connection closed or refused it, so the
+        // request went nowhere.
+        Some(Err(Unanswered::NotOpened(error))) => {
+            return AttemptOutcome::NotSent {
+                reason: label(&format!("stream refused: {error}")),
+                fresh: link.first_to_report_loss(),
+            }
+        }
+        Some(Err(Unanswered::Failed(failure))) => {
             if failure.peer_reset == Some(H3Code::H3_REQUEST_REJECTED) {
                 return AttemptOutcome::RefusedByPeer(label(
                     &"the peer sidecar rejected the request before its app saw it",
@@ -256,11 +244,11 @@ pub async fn attempt(
                 message: label(&failure),
             };
         }
-        Some(Ok(head)) => head,
+        Some(Ok(answer)) => answer,
     };
     drop(waiting);
     in_flight.answered();
-    let (mut parts, ()) = head.into_parts();
+    let mut parts = head;
     crate::wire::grpc::strip_hop_by_hop(&mut parts.headers);
     parts.version = http::Version::HTTP_2;
     if let Some(status) = parts.headers.get(grpc::GRPC_STATUS) {
@@ -278,7 +266,7 @@ pub async fn attempt(
     // kept is freed now rather than when the call ends, which for a stream may be hours away.
     source.commit();
     let body = UpstreamBody {
-        inner: H3RecvBody::new(recv),
+        inner: body,
         deadline: call
             .deadline
             .map(|at| Box::pin(tokio::time::sleep_until(at))),
@@ -294,6 +282,109 @@ pub async fn attempt(
         parts,
         ResponseBody::Upstream(Box::new(body)),
     ))
+}
+
+/// One request on its way to a peer, over whichever protocol the pool holds for it.
+struct Exchange {
+    source: Arc<RequestSource>,
+    stop: oneshot::Receiver<H3Code>,
+    upstream_name: Arc<str>,
+}
+
+/// Why an exchange got no response headers.
+enum Unanswered {
+    /// The stream never opened: the request went nowhere.
+    NotOpened(String),
+    Failed(StreamFailure),
+}
+
+type Answer = Result<(http::response::Parts, PeerBody), Unanswered>;
+
+impl Exchange {
+    async fn over_h3(self, mut sender: H3Sender, request: Request<()>) -> Answer {
+        let stream = sender
+            .send_request(request)
+            .await
+            .map_err(|error| Unanswered::NotOpened(error.to_string()))?;
+        let (send, mut recv) = stream.split();
+        self.start_request_pump(send).await;
+        match recv.recv_response().await {
+            Ok(head) => Ok((head.into_parts().0, PeerBody::H3(H3RecvBody::new(recv)))),
+            Err(error) => Err(Unanswered::Failed(StreamFailure::from_stream_error(error))),
+        }
+    }
+
+    /// The HTTP/2 fallback on TCP (see [`crate::wire::h2_peer`]).
+    async fn over_h2(self, sender: h2::client::SendRequest<Bytes>, request: Request<()>) -> Answer {
+        let mut sender = sender
+            .ready()
+            .await
+            .map_err(|error| Unanswered::NotOpened(error.to_string()))?;
+        let (response, send) = sender
+            .send_request(request, false)
+            .map_err(|error| Unanswered::NotOpened(error.to_string()))?;
+        self.start_request_pump(H2PeerSend::new(send)).await;
+        match response.await {
+            Ok(response) => {
+                let (parts, recv) = response.into_parts();
+                Ok((parts, PeerBody::H2(H2PeerRecvBody::new(recv))))
+            }
+            Err(error) => Err(Unanswered::Failed(h2_peer::stream_failure(error))),
+        }
+    }
+
+    /// Sends the request body (replaying what earlier attempts sent) until it ends or the
+    /// response side says stop, which resets the stream with the code it gives.
+    async fn start_request_pump<S: H3Send>(self, mut send: S) {
+        let Exchange {
+            source,
+            mut stop,
+            upstream_name,
+        } = self;
+        start_pump(async move {
+            let ended = {
+                let pump = source.send_into(&mut send);
+                tokio::pin!(pump);
+                tokio::select! {
+                    end = &mut pump => Ok(end),
+                    code = &mut stop => Err(code.unwrap_or(H3Code::H3_REQUEST_CANCELLED)),
+                }
+            };
+            match ended {
+                Ok(PumpEnd::Complete) => {}
+                Ok(end) => {
+                    tracing::debug!(upstream = %upstream_name, ?end, "request body ended early")
+                }
+                Err(code) => send.reset(code),
+            }
+        })
+        .await;
+    }
+}
+
+/// A peer's response body, from either transport.
+pub enum PeerBody {
+    H3(H3RecvBody<UpstreamRecv>),
+    H2(H2PeerRecvBody),
+}
+
+impl Body for PeerBody {
+    type Data = Bytes;
+    type Error = StreamFailure;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> FramePoll {
+        match self.get_mut() {
+            PeerBody::H3(body) => Pin::new(body).poll_frame(cx),
+            PeerBody::H2(body) => Pin::new(body).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            PeerBody::H3(body) => body.is_end_stream(),
+            PeerBody::H2(body) => body.is_end_stream(),
+        }
+    }
 }
 
 /// The call's labels, recorded once its final status is known (at the end of a streamed body).
@@ -340,7 +431,7 @@ impl Body for ResponseBody {
 /// An upstream's response body on its way to the app. It enforces the call's deadline, turns
 /// upstream failures into gRPC statuses, and keeps the call counted against its endpoint.
 pub struct UpstreamBody {
-    inner: H3RecvBody<UpstreamRecv>,
+    inner: PeerBody,
     deadline: Option<Pin<Box<Sleep>>>,
     upstream: Arc<Upstream>,
     throttling: Option<ThrottlingPolicy>,

@@ -230,7 +230,9 @@ pub async fn connect(
         .map_err(|_| format!("TCP connect timed out after {} ms", timeout.as_millis()))??;
     let closed = Arc::new(Closed::default());
     let driver_closed = closed.clone();
+    let open = crate::metrics::OpenPeerConnection::new("outbound", "h2");
     tokio::spawn(async move {
+        let _open = open;
         if let Err(error) = connection.await {
             tracing::debug!(%address, %error, "HTTP/2 connection to peer ended");
         }

@@ -23,7 +23,8 @@ use quinn::crypto::rustls::QuicClientConfig;
 use quinn::{AckFrequencyConfig, EndpointConfig, IdleTimeout, TransportConfig, VarInt};
 
 use crate::endpoints::ranking::{EndpointLoad, RankingWatch};
-use crate::metrics::{metrics, DirectionLabels};
+use crate::metrics::{metrics, DirectionLabels, OpenPeerConnection};
+use crate::wire::h2_peer;
 
 /// The HTTP/3 request handle of one upstream connection; clones share the connection.
 pub type H3Sender = h3::client::SendRequest<h3_quinn::OpenStreams, Bytes>;
@@ -78,6 +79,12 @@ const UDP_BUFFER_BYTES: usize = 8 * 1024 * 1024;
 /// inside a cluster takes milliseconds; a peer that has not answered in a second is gone (UDP
 /// gets no connection-refused), and the call is better off on another pod.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long QUIC has to connect before the HTTP/2 fallback on TCP races it. A QUIC handshake on
+/// a pod network takes a few milliseconds, on a busy node tens: this never delays a working QUIC
+/// peer, and costs a UDP-blocked one's first call this much plus a TCP and TLS handshake.
+const H2_RACE_DELAY: Duration = Duration::from_millis(250);
+/// How often a peer reached over the HTTP/2 fallback is tried over QUIC again.
+const QUIC_PROBE_INTERVAL: Duration = Duration::from_secs(2);
 /// Ack-eliciting packets the peer may take in before it must send an ACK (QUIC's ACK frequency
 /// extension; both ends are quinn). RFC 9000's default acknowledges every second packet, so a
 /// request or response that spans two packets draws an ACK-only packet and with it a wake-up of
@@ -255,10 +262,18 @@ impl Drop for Waiting {
     }
 }
 
+/// How calls reach a peer: QUIC, or HTTP/2 over TLS on TCP when QUIC gets no answer (UDP
+/// blocked on the way; see [`crate::wire::h2_peer`]).
+#[derive(Clone)]
+pub enum PeerSender {
+    H3(H3Sender),
+    H2(h2::client::SendRequest<Bytes>),
+}
+
 /// A request handle on a pooled connection, with that connection's liveness.
 #[derive(Clone)]
 pub struct PooledSender {
-    pub sender: H3Sender,
+    pub sender: PeerSender,
     pub link: Arc<Link>,
     /// The SPIFFE ID the peer presented in the handshake.
     pub peer_identity: Option<Arc<str>>,
@@ -288,7 +303,29 @@ pub struct PoolError {
 
 struct LiveConnection {
     pooled: PooledSender,
-    connection: quinn::Connection,
+    transport: LiveTransport,
+}
+
+/// The connection under a pooled sender, for its liveness and its close.
+enum LiveTransport {
+    Quic(quinn::Connection),
+    /// Closed by dropping the last sender: the connection's task ends once its streams are done.
+    H2(Arc<h2_peer::Closed>),
+}
+
+impl LiveTransport {
+    fn is_open(&self) -> bool {
+        match self {
+            LiveTransport::Quic(connection) => connection.close_reason().is_none(),
+            LiveTransport::H2(closed) => !closed.is_closed(),
+        }
+    }
+
+    fn close(&self, reason: &'static [u8]) {
+        if let LiveTransport::Quic(connection) = self {
+            connection.close(VarInt::from_u32(H3_NO_ERROR), reason);
+        }
+    }
 }
 
 type ConnectResult = Result<PooledSender, String>;
@@ -313,6 +350,8 @@ struct Slot {
     evicted: AtomicBool,
     /// A failed connect's waiters: only the first is charged (see [`PoolError::fresh`]).
     failure_reported: AtomicBool,
+    /// Calls go over the HTTP/2 fallback (logged once per spell).
+    on_fallback: AtomicBool,
 }
 
 impl Default for Slot {
@@ -321,6 +360,7 @@ impl Default for Slot {
             state: Mutex::new(SlotState::Empty),
             evicted: AtomicBool::new(false),
             failure_reported: AtomicBool::new(false),
+            on_fallback: AtomicBool::new(false),
         }
     }
 }
@@ -337,8 +377,14 @@ impl Slot {
         self.evicted.store(true, Ordering::Release);
         let previous = std::mem::replace(&mut *self.state(), SlotState::Empty);
         if let SlotState::Live(live) = previous {
-            live.connection.close(VarInt::from_u32(H3_NO_ERROR), reason);
+            live.transport.close(reason);
         }
+    }
+
+    /// True while the slot's live connection is an open HTTP/2 fallback.
+    fn still_on_fallback(&self) -> bool {
+        !self.evicted.load(Ordering::Acquire)
+            && matches!(&*self.state(), SlotState::Live(LiveConnection { transport: LiveTransport::H2(closed), .. }) if !closed.is_closed())
     }
 
     /// Remembers that the endpoint cannot be reached right now.
@@ -361,7 +407,7 @@ enum Found {
 /// nothing usable: the call starts a connect.
 fn inspect(state: &SlotState, now: Instant) -> Option<Found> {
     match state {
-        SlotState::Live(live) if live.connection.close_reason().is_none() => {
+        SlotState::Live(live) if live.transport.is_open() => {
             Some(Found::Ready(live.pooled.clone()))
         }
         SlotState::Failed { since, reason } if now.duration_since(*since) < FAILURE_MEMORY => {
@@ -378,6 +424,8 @@ type SlotKey = (SocketAddr, Arc<str>);
 /// Outbound QUIC connections, one per (address, server name).
 pub struct ConnectionPool {
     client_config: quinn::ClientConfig,
+    /// TLS for the HTTP/2 fallback on TCP.
+    tcp_config: Arc<rustls::ClientConfig>,
     /// Client endpoints per address family, created on first use.
     v4: OnceLock<quinn::Endpoint>,
     v6: OnceLock<quinn::Endpoint>,
@@ -385,11 +433,12 @@ pub struct ConnectionPool {
 }
 
 impl ConnectionPool {
-    pub fn new(crypto: QuicClientConfig) -> ConnectionPool {
+    pub fn new(crypto: QuicClientConfig, tcp_config: Arc<rustls::ClientConfig>) -> ConnectionPool {
         let mut client_config = quinn::ClientConfig::new(Arc::new(crypto));
         client_config.transport_config(client_transport_config());
         ConnectionPool {
             client_config,
+            tcp_config,
             v4: OnceLock::new(),
             v6: OnceLock::new(),
             slots: Mutex::new(HashMap::new()),
@@ -484,10 +533,13 @@ impl ConnectionPool {
             };
             tokio::spawn(connect_into(
                 slot.clone(),
-                endpoint,
-                self.client_config.clone(),
-                address,
-                server_name.clone(),
+                QuicDialer {
+                    endpoint,
+                    config: self.client_config.clone(),
+                    address,
+                    server_name: server_name.clone(),
+                },
+                self.tcp_config.clone(),
                 publish,
             ));
         }
@@ -550,53 +602,103 @@ impl ConnectionPool {
     }
 }
 
-/// Connects `slot` to its endpoint and publishes the result to the calls waiting for it.
-async fn connect_into(
-    slot: Arc<Slot>,
+/// What it takes to open a QUIC connection to one peer, again and again (the fallback's probes).
+#[derive(Clone)]
+struct QuicDialer {
     endpoint: quinn::Endpoint,
     config: quinn::ClientConfig,
     address: SocketAddr,
     server_name: Arc<str>,
+}
+
+impl QuicDialer {
+    async fn dial(self) -> Result<(H3Sender, quinn::Connection), String> {
+        match tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            connect(&self.endpoint, self.config, self.address, &self.server_name),
+        )
+        .await
+        {
+            Ok(result) => result,
+            Err(_) => Err(format!(
+                "connect timed out after {} ms",
+                CONNECT_TIMEOUT.as_millis()
+            )),
+        }
+    }
+}
+
+type QuicDial = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<(H3Sender, quinn::Connection), String>> + Send>,
+>;
+
+/// How the race between QUIC and the HTTP/2 fallback ended.
+enum Raced {
+    Quic(H3Sender, quinn::Connection),
+    /// HTTP/2 connected first; QUIC's connect, when still running, goes on in the background.
+    H2(h2_peer::H2Connection, Option<QuicDial>),
+    Failed(String),
+}
+
+/// Connects to a peer the way browsers' happy eyeballs do: QUIC first, HTTP/2 over TLS on TCP
+/// from [`H2_RACE_DELAY`] on, the first to connect wins. Where UDP passes, QUIC answers well
+/// within the delay and TCP is never tried; where it is blocked, the first call waits the delay
+/// and a TCP handshake instead of QUIC's whole connect timeout.
+async fn race(quic: QuicDialer, tcp_config: Arc<rustls::ClientConfig>) -> Raced {
+    let address = quic.address;
+    let server_name = quic.server_name.clone();
+    let mut quic_dial: QuicDial = Box::pin(quic.dial());
+    let h2_dial = async {
+        tokio::time::sleep(H2_RACE_DELAY).await;
+        h2_peer::connect(tcp_config, address, &server_name, CONNECT_TIMEOUT).await
+    };
+    tokio::pin!(h2_dial);
+    let mut quic_failed: Option<String> = None;
+    let mut h2_failed: Option<String> = None;
+    loop {
+        tokio::select! {
+            dialled = &mut quic_dial, if quic_failed.is_none() => match dialled {
+                Ok((sender, connection)) => return Raced::Quic(sender, connection),
+                Err(reason) => quic_failed = Some(reason),
+            },
+            dialled = &mut h2_dial, if h2_failed.is_none() => match dialled {
+                Ok(connection) => {
+                    let pending = quic_failed.is_none().then_some(quic_dial);
+                    return Raced::H2(connection, pending);
+                }
+                Err(reason) => h2_failed = Some(reason),
+            },
+        }
+        if let (Some(quic), Some(h2)) = (&quic_failed, &h2_failed) {
+            return Raced::Failed(describe_race_failure(quic, h2));
+        }
+    }
+}
+
+/// Why neither transport connected. QUIC's reason leads: it is the one the peer normally speaks,
+/// and a peer that is down fails both the same way.
+fn describe_race_failure(quic: &str, h2: &str) -> String {
+    format!("{quic} (HTTP/2 fallback on TCP: {h2})")
+}
+
+/// Connects `slot` to its endpoint and publishes the result to the calls waiting for it.
+async fn connect_into(
+    slot: Arc<Slot>,
+    quic: QuicDialer,
+    tcp_config: Arc<rustls::ClientConfig>,
     publish: watch::Sender<Option<ConnectResult>>,
 ) {
-    let connected = match tokio::time::timeout(
-        CONNECT_TIMEOUT,
-        connect(&endpoint, config, address, &server_name),
-    )
-    .await
-    {
-        Ok(result) => result,
-        Err(_) => Err(format!(
-            "connect timed out after {} ms",
-            CONNECT_TIMEOUT.as_millis()
-        )),
-    };
-    let result = match connected {
-        Ok((sender, connection)) => {
-            let peer_identity = peer_identity(&connection).map(Arc::from);
-            let pooled = PooledSender {
-                sender,
-                link: Arc::new(Link::default()),
-                peer_identity,
-            };
-            if slot.evicted.load(Ordering::Acquire) {
-                connection.close(VarInt::from_u32(H3_NO_ERROR), b"endpoint left discovery");
-                Err("the endpoint left discovery".to_string())
-            } else {
-                tokio::spawn(watch_link(
-                    connection.clone(),
-                    pooled.link.clone(),
-                    Arc::downgrade(&slot),
-                    address,
-                ));
-                *slot.state() = SlotState::Live(LiveConnection {
-                    pooled: pooled.clone(),
-                    connection,
-                });
-                Ok(pooled)
+    let address = quic.address;
+    let result = match race(quic.clone(), tcp_config).await {
+        Raced::Quic(sender, connection) => install_quic(&slot, sender, connection, address),
+        Raced::H2(connection, pending) => {
+            let installed = install_h2(&slot, connection, address);
+            if installed.is_ok() {
+                tokio::spawn(probe_quic(Arc::downgrade(&slot), quic, pending));
             }
+            installed
         }
-        Err(reason) => {
+        Raced::Failed(reason) => {
             tracing::debug!(%address, %reason, "connect failed");
             slot.remember_failure(reason.clone());
             Err(reason)
@@ -604,6 +706,96 @@ async fn connect_into(
     };
     // No receiver left is fine: every waiting call gave up, and the slot holds the result.
     let _ = publish.send(Some(result));
+}
+
+/// Makes a new QUIC connection the slot's, watched for a silent peer.
+fn install_quic(
+    slot: &Arc<Slot>,
+    sender: H3Sender,
+    connection: quinn::Connection,
+    address: SocketAddr,
+) -> ConnectResult {
+    let pooled = PooledSender {
+        sender: PeerSender::H3(sender),
+        link: Arc::new(Link::default()),
+        peer_identity: peer_identity(&connection).map(Arc::from),
+    };
+    if slot.evicted.load(Ordering::Acquire) {
+        connection.close(VarInt::from_u32(H3_NO_ERROR), b"endpoint left discovery");
+        return Err("the endpoint left discovery".to_string());
+    }
+    tokio::spawn(watch_link(
+        connection.clone(),
+        pooled.link.clone(),
+        Arc::downgrade(slot),
+        address,
+    ));
+    *slot.state() = SlotState::Live(LiveConnection {
+        pooled: pooled.clone(),
+        transport: LiveTransport::Quic(connection),
+    });
+    Ok(pooled)
+}
+
+/// Makes an HTTP/2 fallback connection the slot's.
+fn install_h2(
+    slot: &Arc<Slot>,
+    connection: h2_peer::H2Connection,
+    address: SocketAddr,
+) -> ConnectResult {
+    if slot.evicted.load(Ordering::Acquire) {
+        return Err("the endpoint left discovery".to_string());
+    }
+    metrics().h2_fallbacks.inc();
+    if !slot.on_fallback.swap(true, Ordering::AcqRel) {
+        tracing::warn!(%address, "QUIC to this peer gets no answer (UDP blocked?); calls go over HTTP/2 on TCP, and QUIC is retried in the background");
+    }
+    let pooled = PooledSender {
+        sender: PeerSender::H2(connection.sender),
+        link: Arc::new(Link::default()),
+        peer_identity: connection.peer_identity.map(Arc::from),
+    };
+    *slot.state() = SlotState::Live(LiveConnection {
+        pooled: pooled.clone(),
+        transport: LiveTransport::H2(connection.closed),
+    });
+    Ok(pooled)
+}
+
+/// While a slot's calls go over the HTTP/2 fallback, tries QUIC every [`QUIC_PROBE_INTERVAL`]
+/// (after the race's own QUIC connect, if it was still running) and moves the slot back once it
+/// connects. Calls already on HTTP/2 finish there. Ends when the slot is dropped, evicted, or
+/// holds something else than its HTTP/2 connection (it failed and a new race took over).
+async fn probe_quic(slot: Weak<Slot>, quic: QuicDialer, pending: Option<QuicDial>) {
+    let address = quic.address;
+    let mut dial = pending;
+    loop {
+        let connected = match dial.take() {
+            Some(dial) => dial.await,
+            None => {
+                tokio::time::sleep(QUIC_PROBE_INTERVAL).await;
+                let Some(slot) = slot.upgrade() else { return };
+                if !slot.still_on_fallback() {
+                    return;
+                }
+                quic.clone().dial().await
+            }
+        };
+        let Some(slot) = slot.upgrade() else { return };
+        if !slot.still_on_fallback() {
+            if let Ok((_, connection)) = connected {
+                connection.close(VarInt::from_u32(H3_NO_ERROR), b"not needed");
+            }
+            return;
+        }
+        if let Ok((sender, connection)) = connected {
+            if install_quic(&slot, sender, connection, address).is_ok() {
+                slot.on_fallback.store(false, Ordering::Release);
+                tracing::info!(%address, "QUIC to this peer works again; new calls go over QUIC");
+            }
+            return;
+        }
+    }
 }
 
 /// The SPIFFE ID of a connection's peer, from the certificate it presented.
@@ -641,7 +833,9 @@ async fn connect(
         .quic_connections_opened
         .get_or_create(&direction)
         .inc();
+    let open = OpenPeerConnection::new("outbound", "h3");
     tokio::spawn(async move {
+        let _open = open;
         let closed = futures::future::poll_fn(|cx| driver.poll_close(cx)).await;
         if closed.is_h3_no_error() {
             tracing::debug!(%address, "QUIC connection closed");
@@ -964,7 +1158,10 @@ mod tests {
             .expect("ring supports TLS 1.3")
             .with_root_certificates(rustls::RootCertStore::empty())
             .with_no_client_auth();
-        ConnectionPool::new(QuicClientConfig::try_from(crypto).expect("TLS 1.3 config"))
+        ConnectionPool::new(
+            QuicClientConfig::try_from(crypto.clone()).expect("TLS 1.3 config"),
+            Arc::new(crypto),
+        )
     }
 
     #[test]

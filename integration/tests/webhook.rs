@@ -329,6 +329,17 @@ async fn annotated_pod_gets_the_native_sidecar_once_and_plain_pods_are_untouched
         "the QUIC port, UDP: {:#}",
         init[0]["ports"]
     );
+    assert!(
+        init[0]["ports"]
+            .as_array()
+            .expect("ports")
+            .iter()
+            .any(|port| port["protocol"] == "TCP"
+                && port["containerPort"] == 15443
+                && port["name"] == "h2-fallback"),
+        "the HTTP/2 fallback port, TCP at the same number: {:#}",
+        init[0]["ports"]
+    );
     // The app and everything it had are still there.
     assert_eq!(injected["spec"]["containers"][0]["name"], "checkout");
     assert_eq!(

@@ -2,6 +2,11 @@
 //! handshake), and each is handed to the local app over a pooled h2c connection. The app's
 //! response, trailers-only or streamed, goes back unchanged.
 //!
+//! Where UDP is blocked between two nodes, peers call over HTTP/2 on TLS 1.3 instead, to a TCP
+//! listener at the QUIC port's number ([`serve_tcp`], see [`crate::wire::h2_peer`]). Both
+//! transports share one [`Guard`] and one call path ([`handle_call`], generic over the peer's
+//! stream), so authorization, limits, deadlines and the identity header cannot drift apart.
+//!
 //! A call the app never processed (it was refused, or fell above the last-stream-id of the
 //! app's GOAWAY while it restarts) is reset with H3_REQUEST_REJECTED, so the caller's sidecar
 //! retries it elsewhere without the caller noticing. On shutdown the listener refuses new
@@ -31,15 +36,15 @@ use tokio::time::Instant;
 
 use crate::config::InboundLimits;
 use crate::limits::{admit, Full, Gate, Permit};
-use crate::metrics::{metrics, DirectionLabels, LimitLabels, StatusLabels};
+use crate::metrics::{metrics, DirectionLabels, LimitLabels, OpenPeerConnection, StatusLabels};
 use crate::wire::body::{
     pump_body, pump_into_h2, start_pump, H2RecvBody, H3RecvBody, H3Send, PumpEnd,
 };
 use crate::wire::grpc::strip_hop_by_hop;
 use crate::wire::grpc::{self, Code};
-use crate::wire::h3_guard::{GuardedConnection, GuardedRecv, HeaderBudget};
+use crate::wire::h2_peer::{peer_reason, H2PeerRecvBody, H2PeerSend};
+use crate::wire::h3_guard::{GuardedConnection, HeaderBudget};
 
-type PeerRecv = h3::server::RequestStream<GuardedRecv, Bytes>;
 type PeerSend = h3::server::RequestStream<h3_quinn::SendStream<Bytes>, Bytes>;
 type AppSender = h2::client::SendRequest<Bytes>;
 
@@ -64,6 +69,8 @@ pub struct Guard {
     per_peer: usize,
     /// Set once a call was refused for a full cap, so overload is logged once.
     overloaded: AtomicBool,
+    /// Set while TCP peers fail their TLS handshake, so a run of them is logged once.
+    tls_failing: AtomicBool,
 }
 
 /// Whether a caller may call, and if not, what it is told.
@@ -94,6 +101,7 @@ impl Guard {
             ),
             per_peer: limits.max_calls_per_peer.unwrap_or(to_app / 2).max(1),
             overloaded: AtomicBool::new(false),
+            tls_failing: AtomicBool::new(false),
         }
     }
 
@@ -475,6 +483,7 @@ async fn serve_peer(
         .quic_connections_opened
         .get_or_create(&direction)
         .inc();
+    let _open = OpenPeerConnection::new("inbound", "h3");
     let watched = connection.clone();
     let identity = crate::wire::quic::peer_identity(&connection).map(Arc::<str>::from);
     serve_connection(connection, app, guard, identity, shutdown).await;
@@ -572,7 +581,8 @@ async fn serve_connection(
                         drop(open);
                         return;
                     };
-                    handle_call(request, send, recv, &app, &guard, identity.as_deref()).await;
+                    let body = H3RecvBody::new(recv);
+                    handle_call(request, send, body, &app, &guard, identity.as_deref()).await;
                 }
                 Ok(Err(error)) => tracing::debug!(%remote, %error, "peer request unreadable"),
                 Err(_) => {
@@ -588,6 +598,191 @@ async fn serve_connection(
     }
 }
 
+/// Accepts peer connections on the HTTP/2 fallback's TCP listener until `shutdown` fires, under
+/// the same [`Guard`] as QUIC (the per-peer connection cap counts both transports). Then it
+/// stops accepting, has every open connection send GOAWAY and finish its calls, and after
+/// `drain` stops the connections still open.
+pub async fn serve_tcp(
+    listener: tokio::net::TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    app: Arc<AppClient>,
+    guard: Arc<Guard>,
+    mut shutdown: watch::Receiver<bool>,
+    drain: Duration,
+) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let stop = shutdown.clone();
+    let mut peers = JoinSet::new();
+    // Set while accept fails (out of file descriptors, say), so the run is logged once.
+    let mut accept_failing = false;
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, remote)) => {
+                    accept_failing = false;
+                    match guard.admit(remote.ip()) {
+                        Some(admitted) => {
+                            guard.refusing.store(false, Ordering::Release);
+                            let peer = serve_tcp_peer(stream, remote, acceptor.clone(), app.clone(), guard.clone(), admitted, stop.clone());
+                            peers.spawn(peer);
+                        }
+                        None => {
+                            count_limited("connections_per_peer");
+                            if !guard.refusing.swap(true, Ordering::AcqRel) {
+                                tracing::warn!(%remote, limit = guard.limits.max_connections_per_peer, "peer has too many connections open; refusing more (inbound.limits.maxConnectionsPerPeer)");
+                            }
+                            // Closed at once, so the peer moves on instead of timing out.
+                            drop(stream);
+                        }
+                    }
+                }
+                Err(error) => {
+                    if !std::mem::replace(&mut accept_failing, true) {
+                        tracing::warn!(%error, "accepting HTTP/2 fallback connections failing");
+                    }
+                    // Without a pause a persistent failure (no file descriptors) would spin.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            Some(ended) = peers.join_next() => report_panic(ended),
+            // The wait's result borrows the channel: dropped here, not held across the arms.
+            _ = async { shutdown.wait_for(|stop| *stop).await.map(drop) } => break,
+        }
+    }
+    // The listener closes here: new connections are refused by the kernel at once.
+    drop(listener);
+    tracing::info!(connections = peers.len(), grace = ?drain, "inbound HTTP/2 fallback draining");
+    let deadline = Instant::now() + drain;
+    loop {
+        tokio::select! {
+            ended = peers.join_next() => match ended {
+                Some(ended) => report_panic(ended),
+                None => break,
+            },
+            _ = tokio::time::sleep_until(deadline) => {
+                tracing::warn!(connections = peers.len(), grace = ?drain, "inbound HTTP/2 fallback drain time is up; closing connections with calls still open");
+                break;
+            }
+        }
+    }
+    peers.shutdown().await;
+    tracing::info!("inbound HTTP/2 fallback drained");
+}
+
+/// One peer connection on the HTTP/2 fallback: TLS (bounded by the header timeout, as a
+/// connection that never completes its handshake holds a place), HTTP/2 setup, then its calls.
+async fn serve_tcp_peer(
+    stream: tokio::net::TcpStream,
+    remote: SocketAddr,
+    acceptor: tokio_rustls::TlsAcceptor,
+    app: Arc<AppClient>,
+    guard: Arc<Guard>,
+    admitted: PeerConnection,
+    shutdown: watch::Receiver<bool>,
+) {
+    // Calls are small messages: sent at once, not held back for a fuller segment.
+    let _ = stream.set_nodelay(true);
+    let limits = &guard.limits;
+    let tls = match tokio::time::timeout(limits.header_timeout, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => {
+            if guard.tls_failing.swap(false, Ordering::AcqRel) {
+                tracing::info!(%remote, "HTTP/2 fallback TLS handshakes succeeding again");
+            }
+            tls
+        }
+        Ok(Err(error)) => {
+            // Most often a peer without a certificate from our CA: worth seeing in logs, once.
+            if !guard.tls_failing.swap(true, Ordering::AcqRel) {
+                tracing::info!(%remote, %error, "refused peer connection (HTTP/2 fallback TLS handshake failed); further failures are not logged until one succeeds");
+            }
+            return;
+        }
+        Err(_) => {
+            count_limited("header_timeout");
+            tracing::debug!(%remote, "peer did not complete its TLS handshake in time");
+            return;
+        }
+    };
+    let identity = crate::wire::h2_peer::tls_peer_identity(tls.get_ref().1).map(Arc::<str>::from);
+    let builder = crate::wire::h2_peer::server_builder(
+        limits.max_concurrent_streams,
+        limits.max_header_bytes,
+    );
+    let connection = match tokio::time::timeout(limits.header_timeout, builder.handshake(tls)).await
+    {
+        Ok(Ok(connection)) => connection,
+        Ok(Err(error)) => {
+            tracing::debug!(%remote, %error, "HTTP/2 setup with peer failed");
+            return;
+        }
+        Err(_) => {
+            count_limited("header_timeout");
+            tracing::debug!(%remote, "peer did not set up HTTP/2 in time");
+            return;
+        }
+    };
+    let _open = OpenPeerConnection::new("inbound", "h2");
+    serve_h2_connection(connection, remote, app, guard, identity, shutdown).await;
+    drop(admitted);
+}
+
+type H2ServerConnection =
+    h2::server::Connection<tokio_rustls::server::TlsStream<tokio::net::TcpStream>, Bytes>;
+
+/// Serves one HTTP/2 peer connection's calls until the peer closes it, or, once `shutdown`
+/// fires, until its calls have finished after our GOAWAY. Polling `accept` is also what drives
+/// the connection, so the loop runs until h2 reports the connection's end.
+async fn serve_h2_connection(
+    mut connection: H2ServerConnection,
+    remote: SocketAddr,
+    app: Arc<AppClient>,
+    guard: Arc<Guard>,
+    identity: Option<Arc<str>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let per_peer = Gate::new(guard.per_peer);
+    let mut draining = false;
+    loop {
+        let (request, mut respond) = tokio::select! {
+            accepted = connection.accept() => match accepted {
+                Some(Ok(call)) => call,
+                Some(Err(error)) => {
+                    if !error.is_go_away() || error.reason() != Some(h2::Reason::NO_ERROR) {
+                        tracing::debug!(%remote, %error, "peer connection ended");
+                    }
+                    break;
+                }
+                None => break,
+            },
+            _ = async { shutdown.wait_for(|stop| *stop).await.map(drop) }, if !draining => {
+                // h2 sends GOAWAY, refuses streams above the last one it accepted (the caller
+                // retries those elsewhere) and ends the connection once the open ones finish.
+                connection.graceful_shutdown();
+                draining = true;
+                continue;
+            },
+        };
+        // Request headers are complete here; their size is bounded by max_header_list_size.
+        let Some(place) = guard.admit_call(&per_peer) else {
+            // Not processed: the caller's sidecar retries it on another pod.
+            respond.send_reset(peer_reason(H3Code::H3_REQUEST_REJECTED));
+            continue;
+        };
+        let app = app.clone();
+        let guard = guard.clone();
+        let identity = identity.clone();
+        // Boxed like the QUIC path's calls: the future is large.
+        tokio::spawn(Box::pin(async move {
+            let (parts, body) = request.into_parts();
+            let request = Request::from_parts(parts, ());
+            let send = H2Responder::new(respond);
+            let body = H2PeerRecvBody::new(body);
+            handle_call(request, send, body, &app, &guard, identity.as_deref()).await;
+            drop(place);
+        }));
+    }
+}
+
 /// Resolves once `settle` has passed and no call is open.
 async fn calls_done(calls: &watch::Sender<()>, settle: Option<Instant>) {
     if let Some(settle) = settle {
@@ -596,14 +791,127 @@ async fn calls_done(calls: &watch::Sender<()>, settle: Option<Instant>) {
     calls.closed().await;
 }
 
-async fn handle_call(
+/// The answering half of a peer's call, on either transport: its response headers, then the
+/// body, trailers or a reset through [`H3Send`] (reset codes are HTTP/3's on both).
+trait PeerResponder: H3Send {
+    /// Sends the response headers; `end_of_stream` when nothing follows (trailers-only).
+    fn send_response(
+        &mut self,
+        response: Response<()>,
+        end_of_stream: bool,
+    ) -> impl std::future::Future<Output = Result<(), Self::Error>> + Send;
+}
+
+impl PeerResponder for PeerSend {
+    fn send_response(
+        &mut self,
+        response: Response<()>,
+        _end_of_stream: bool,
+    ) -> impl std::future::Future<Output = Result<(), Self::Error>> + Send {
+        // HTTP/3 ends a stream with a separate FIN, which the caller's `finish` sends.
+        h3::server::RequestStream::send_response(self, response)
+    }
+}
+
+/// A peer's call on the HTTP/2 fallback: the response handle until the headers are out, then
+/// the flow-controlled body stream.
+struct H2Responder {
+    respond: h2::server::SendResponse<Bytes>,
+    body: Option<H2PeerSend>,
+    /// The response ended with its headers (trailers-only): `finish` has nothing left to do.
+    ended: bool,
+}
+
+impl H2Responder {
+    fn new(respond: h2::server::SendResponse<Bytes>) -> H2Responder {
+        H2Responder {
+            respond,
+            body: None,
+            ended: false,
+        }
+    }
+}
+
+/// A body or trailers before the response headers: a bug of ours, reported to the peer as an
+/// internal error rather than a panic.
+fn no_headers_yet() -> h2::Error {
+    h2::Error::from(h2::Reason::INTERNAL_ERROR)
+}
+
+impl H3Send for H2Responder {
+    type Error = h2::Error;
+
+    fn send_data(
+        &mut self,
+        data: Bytes,
+    ) -> impl std::future::Future<Output = Result<(), h2::Error>> + Send {
+        async move {
+            match &mut self.body {
+                Some(body) => body.send_data(data).await,
+                None => Err(no_headers_yet()),
+            }
+        }
+    }
+
+    fn send_trailers(
+        &mut self,
+        trailers: http::HeaderMap,
+    ) -> impl std::future::Future<Output = Result<(), h2::Error>> + Send {
+        async move {
+            match &mut self.body {
+                Some(body) => body.send_trailers(trailers).await,
+                None => Err(no_headers_yet()),
+            }
+        }
+    }
+
+    fn finish(&mut self) -> impl std::future::Future<Output = Result<(), h2::Error>> + Send {
+        async move {
+            match &mut self.body {
+                _ if self.ended => Ok(()),
+                Some(body) => body.finish().await,
+                None => Err(no_headers_yet()),
+            }
+        }
+    }
+
+    fn reset(&mut self, code: H3Code) {
+        self.ended = true;
+        match &mut self.body {
+            Some(body) => body.reset(code),
+            None => self.respond.send_reset(peer_reason(code)),
+        }
+    }
+}
+
+impl PeerResponder for H2Responder {
+    fn send_response(
+        &mut self,
+        response: Response<()>,
+        end_of_stream: bool,
+    ) -> impl std::future::Future<Output = Result<(), h2::Error>> + Send {
+        let sent = self.respond.send_response(response, end_of_stream);
+        let sent = sent.map(|stream| {
+            self.body = Some(H2PeerSend::new(stream));
+            self.ended = end_of_stream;
+        });
+        async move { sent }
+    }
+}
+
+/// Forwards one peer call to the app and its answer back, whichever transport it came over.
+async fn handle_call<S, B>(
     request: Request<()>,
-    mut send: PeerSend,
-    recv: PeerRecv,
+    mut send: S,
+    request_body: B,
     app: &AppClient,
     guard: &Guard,
     identity: Option<&str>,
-) {
+) where
+    S: PeerResponder,
+    B: Body<Data = Bytes> + Unpin + Send + 'static,
+    B::Error: std::error::Error + Send + 'static,
+{
     if let Verdict::Denied(message) = guard.authorize(identity) {
         metrics().inbound_denied.inc();
         metrics()
@@ -645,7 +953,6 @@ async fn handle_call(
     parts.uri = uri;
     parts.version = http::Version::HTTP_2;
     let app_request = Request::from_parts(parts, ());
-    let request_body = H3RecvBody::new(recv);
 
     // The app normally honours grpc-timeout itself; enforcing it here as well makes sure the app
     // sees a cancellation (RST_STREAM) when the deadline passes, even for a call whose client
@@ -689,7 +996,8 @@ async fn handle_call(
         let (parts, body) = response.into_parts();
         let body = H2RecvBody::new(body);
         let trailers_only = body.is_end_stream();
-        if let Err(error) = send.send_response(Response::from_parts(parts, ())).await {
+        let response = Response::from_parts(parts, ());
+        if let Err(error) = send.send_response(response, trailers_only).await {
             tracing::debug!(%error, "peer went away before the response");
             return;
         }
@@ -727,7 +1035,7 @@ fn set_peer_identity(headers: &mut http::HeaderMap, identity: Option<&str>) {
 /// H3_REQUEST_REJECTED, which tells the caller it is safe to retry elsewhere (gRFC G2) and its
 /// sidecar does so transparently. One the app reset is reset with the matching HTTP/3 code, so
 /// the caller sees the status gRPC maps the app's reset to; a lost connection is UNAVAILABLE.
-async fn reject(send: &mut PeerSend, app: &AppClient, error: AppError) {
+async fn reject<S: PeerResponder>(send: &mut S, app: &AppClient, error: AppError) {
     let status = match error.failure {
         AppFailure::NotProcessed => {
             app.note_rejected(&error);
@@ -750,9 +1058,9 @@ async fn reject(send: &mut PeerSend, app: &AppClient, error: AppError) {
         .inc();
 }
 
-async fn send_status(send: &mut PeerSend, code: Code, message: &str) {
+async fn send_status<S: PeerResponder>(send: &mut S, code: Code, message: &str) {
     let response = grpc::trailers_only_response(code, message, ());
-    if send.send_response(response).await.is_ok() {
+    if send.send_response(response, true).await.is_ok() {
         let _ = send.finish().await;
     }
 }

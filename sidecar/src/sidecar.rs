@@ -125,8 +125,17 @@ pub async fn start(config: Config, options: StartOptions) -> Result<Running, Sta
 struct Sockets {
     outbound: Vec<TcpListener>,
     admin: TcpListener,
-    inbound: Option<(quinn::Endpoint, AppClient, crate::inbound::Guard)>,
+    inbound: Option<Inbound>,
     bound: Bound,
+}
+
+/// The inbound role's sockets: QUIC, and TCP at the same port number for the HTTP/2 fallback.
+struct Inbound {
+    endpoint: quinn::Endpoint,
+    tcp: TcpListener,
+    tcp_tls: Arc<rustls::ServerConfig>,
+    app: AppClient,
+    guard: crate::inbound::Guard,
 }
 
 async fn bind(config: &Config, tls: Option<&Arc<LiveTls>>) -> Result<Sockets, StartError> {
@@ -149,11 +158,7 @@ async fn bind(config: &Config, tls: Option<&Arc<LiveTls>>) -> Result<Sockets, St
             server.transport_config(quic::server_transport_config(
                 inbound.limits.max_concurrent_streams,
             ));
-            let endpoint = quic::server_endpoint(inbound.listen, server, tls.reset_secret())
-                .map_err(|source| StartError::Transport {
-                    field: "inbound.listen".to_string(),
-                    source,
-                })?;
+            let (endpoint, tcp) = bind_inbound(inbound.listen, server, tls).await?;
             let budget_calls = config
                 .limits
                 .resolve(
@@ -162,7 +167,13 @@ async fn bind(config: &Config, tls: Option<&Arc<LiveTls>>) -> Result<Sockets, St
                 .process;
             let guard =
                 crate::inbound::Guard::new(inbound.allow.as_deref(), &inbound.limits, budget_calls);
-            Some((endpoint, app, guard))
+            Some(Inbound {
+                endpoint,
+                tcp,
+                tcp_tls: tls.tcp_server_config()?,
+                app,
+                guard,
+            })
         }
         // Validation requires `tls` with `inbound`.
         _ => None,
@@ -171,7 +182,7 @@ async fn bind(config: &Config, tls: Option<&Arc<LiveTls>>) -> Result<Sockets, St
         outbound: outbound_addresses,
         inbound: inbound
             .as_ref()
-            .and_then(|(endpoint, _, _)| endpoint.local_addr().ok()),
+            .and_then(|inbound| inbound.endpoint.local_addr().ok()),
         admin: admin_address,
     };
     Ok(Sockets {
@@ -180,6 +191,52 @@ async fn bind(config: &Config, tls: Option<&Arc<LiveTls>>) -> Result<Sockets, St
         inbound,
         bound,
     })
+}
+
+/// Tries for a port free for both UDP and TCP when the config leaves the choice to us (port 0).
+const INBOUND_PORT_TRIES: usize = 16;
+
+/// Binds the inbound QUIC endpoint at `listen` and the HTTP/2 fallback's TCP listener at the
+/// same IP and port number, since a peer knows one address for both. With port 0 the port is
+/// the one UDP got, and another is tried if TCP's is taken.
+async fn bind_inbound(
+    listen: SocketAddr,
+    server: quinn::ServerConfig,
+    tls: &Arc<LiveTls>,
+) -> Result<(quinn::Endpoint, TcpListener), StartError> {
+    let field = "inbound.listen";
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        let endpoint = quic::server_endpoint(listen, server.clone(), tls.reset_secret()).map_err(
+            |source| StartError::Transport {
+                field: field.to_string(),
+                source,
+            },
+        )?;
+        let address = endpoint.local_addr().map_err(|source| StartError::Bind {
+            field: field.to_string(),
+            address: listen,
+            source,
+        })?;
+        match TcpListener::bind(address).await {
+            Ok(tcp) => return Ok((endpoint, tcp)),
+            Err(error)
+                if listen.port() == 0
+                    && error.kind() == std::io::ErrorKind::AddrInUse
+                    && tries < INBOUND_PORT_TRIES =>
+            {
+                endpoint.close(quinn::VarInt::from_u32(0), b"");
+            }
+            Err(source) => {
+                return Err(StartError::Bind {
+                    field: format!("{field} (TCP, the HTTP/2 fallback at the QUIC port's number)"),
+                    address,
+                    source,
+                })
+            }
+        }
+    }
 }
 
 async fn bind_tcp(
@@ -230,12 +287,10 @@ async fn build(
     // tasks start as it is made.
     let targets = targets(config)?;
     let pool = match tls {
-        Some(tls) if !config.outbound.is_empty() => {
-            Some(Arc::new(ConnectionPool::new(
-                tls.quic_client_config()?,
-                tls.tcp_client_config()?,
-            )))
-        }
+        Some(tls) if !config.outbound.is_empty() => Some(Arc::new(ConnectionPool::new(
+            tls.quic_client_config()?,
+            tls.tcp_client_config()?,
+        ))),
         _ => None,
     };
     let discovers = config.outbound.iter().any(|entry| entry.service.is_some());
@@ -521,16 +576,26 @@ fn serve(
         let task = crate::outbound::serve(listener, upstream.clone(), stop.clone(), DRAIN);
         listeners.push(("outbound listener", tokio::spawn(task)));
     }
-    let inbound = sockets.inbound.map(|(endpoint, app, guard)| {
-        tracing::info!(listen = ?sockets.bound.inbound, forward = %app.address(), "inbound QUIC listener serving");
+    let inbound = sockets.inbound.map(|inbound| {
+        let Inbound {
+            endpoint,
+            tcp,
+            tcp_tls,
+            app,
+            guard,
+        } = inbound;
+        tracing::info!(listen = ?sockets.bound.inbound, forward = %app.address(), "inbound QUIC listener serving, with the HTTP/2 fallback on TCP at the same port");
+        let (app, guard) = (Arc::new(app), Arc::new(guard));
         let task = crate::inbound::serve(
             endpoint.clone(),
-            Arc::new(app),
-            Arc::new(guard),
+            app.clone(),
+            guard.clone(),
             stop.clone(),
             DRAIN,
         );
         listeners.push(("inbound listener", tokio::spawn(task)));
+        let task = crate::inbound::serve_tcp(tcp, tcp_tls, app, guard, stop.clone(), DRAIN);
+        listeners.push(("inbound HTTP/2 fallback listener", tokio::spawn(task)));
         endpoint
     });
     let admin = Arc::new(AdminState {

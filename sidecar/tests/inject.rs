@@ -112,7 +112,7 @@ fn assert_injected(template: &Value, options: &InjectOptions) {
     assert_eq!(
         sidecar["ports"],
         yaml(
-            "[{name: grpc-h3, containerPort: 15443, protocol: UDP}, {name: admin, containerPort: 15090, protocol: TCP}]"
+            "[{name: grpc-h3, containerPort: 15443, protocol: UDP}, {name: h2-fallback, containerPort: 15443, protocol: TCP}, {name: admin, containerPort: 15090, protocol: TCP}]"
         )
     );
     for (probe, path) in [

@@ -48,8 +48,12 @@ pub const CONFIG_DIR: &str = "/etc/locality-sidecar";
 pub const CONFIG_PATH: &str = "/etc/locality-sidecar/config.yaml";
 /// Where the TLS Secret (`ca.crt`, `tls.crt`, `tls.key`) is mounted.
 pub const CERTS_DIR: &str = "/certs";
-/// The UDP port peers' sidecars dial (QUIC); discovery finds it by its name `grpc-h3`.
+/// The UDP port peers' sidecars dial (QUIC); discovery finds it by its name `grpc-h3`. The same
+/// number over TCP is the HTTP/2 fallback for when UDP is blocked between nodes.
 pub const QUIC_PORT: u16 = 15443;
+/// The container port name of the HTTP/2 fallback (TCP at [`QUIC_PORT`]); port names are at
+/// most 15 characters.
+pub const H2_FALLBACK_PORT_NAME: &str = "h2-fallback";
 /// `/live`, `/ready`, `/metrics`.
 pub const ADMIN_PORT: u16 = 15090;
 /// Pod template label marking injected pods; the PodMonitor selects on it.
@@ -543,7 +547,7 @@ fn check_ports(containers: &[Value], at: &str) -> Result<(), Problem> {
                 .unwrap_or("TCP");
             let taken = match (number, protocol) {
                 (Some(n), "UDP") => n == u64::from(QUIC_PORT),
-                (Some(n), "TCP") => n == u64::from(ADMIN_PORT),
+                (Some(n), "TCP") => n == u64::from(ADMIN_PORT) || n == u64::from(QUIC_PORT),
                 _ => false,
             };
             if taken {
@@ -683,6 +687,11 @@ fn sidecar_container(options: &InjectOptions) -> Value {
                     ("name", Value::from("grpc-h3")),
                     ("containerPort", Value::from(QUIC_PORT)),
                     ("protocol", Value::from("UDP")),
+                ]),
+                map([
+                    ("name", Value::from(H2_FALLBACK_PORT_NAME)),
+                    ("containerPort", Value::from(QUIC_PORT)),
+                    ("protocol", Value::from("TCP")),
                 ]),
                 map([
                     ("name", Value::from("admin")),

@@ -437,20 +437,33 @@ where
 }
 
 /// What the request pump does next.
-enum Next {
+enum Next<E> {
     /// The source has nothing more for now: send what is held.
     Idle,
-    Frame(Option<Result<Frame<Bytes>, StreamFailure>>),
+    Frame(Option<Result<Frame<Bytes>, E>>),
+}
+
+/// The reset code for a peer's request body that failed: the peer's own code when it reset the
+/// stream, otherwise (its connection died) a cancel, as the caller is gone.
+fn source_failure_code(error: &(dyn std::error::Error + 'static)) -> H3Code {
+    match error.downcast_ref::<StreamFailure>() {
+        Some(failure) => failure.peer_reset.unwrap_or(H3Code::H3_REQUEST_CANCELLED),
+        None => h3_code_for_body_error(error, H3Code::H3_REQUEST_CANCELLED),
+    }
 }
 
 /// Copies a peer's request body into the app's HTTP/2 stream, within HTTP/2 flow control. The
 /// last DATA frame carries END_STREAM (one frame less per unary call), so one chunk is held back
 /// until the next poll shows whether more follows. A failed source (the caller cancelled) resets
 /// the app's stream with the matching reason, so the app never takes a truncated request whole.
-pub async fn pump_into_h2<R: H3Recv>(
-    mut body: H3RecvBody<R>,
-    send: &mut h2::SendStream<Bytes>,
-) -> PumpEnd {
+///
+/// `body` is a peer's request body on either transport: [`H3RecvBody`] over QUIC, or
+/// [`crate::wire::h2_peer::H2PeerRecvBody`] on the HTTP/2 fallback.
+pub async fn pump_into_h2<B>(mut body: B, send: &mut h2::SendStream<Bytes>) -> PumpEnd
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: std::error::Error + 'static,
+{
     let mut held: Option<Bytes> = None;
     loop {
         let next = std::future::poll_fn(|cx| match Pin::new(&mut body).poll_frame(cx) {
@@ -493,7 +506,7 @@ pub async fn pump_into_h2<R: H3Recv>(
                 }
             },
             Next::Frame(Some(Err(failure))) => {
-                let code = failure.peer_reset.unwrap_or(H3Code::H3_REQUEST_CANCELLED);
+                let code = source_failure_code(&failure);
                 send.send_reset(grpc::h2_reason_for_h3_code(code));
                 return PumpEnd::SourceFailed(code);
             }

@@ -1,0 +1,370 @@
+//! The inbound side of the HTTP/2 fallback (issue 16): where UDP is blocked, a peer sidecar calls
+//! over TCP + TLS 1.3 (ALPN h2) at the QUIC port's number. Here the test itself is that peer:
+//! a tokio-rustls client with a certificate carrying a SPIFFE identity and the `h2` crate's
+//! client, against a real server-role sidecar process. Checked as a user would notice it: the
+//! echo comes back byte for byte with grpc-status 0, the app sees the verified identity (never a
+//! forged copy), an identity outside `inbound.allow` gets PERMISSION_DENIED, a certificate from
+//! another CA is refused at the handshake, and `/metrics` counts the open HTTP/2 connection.
+
+mod security_common;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http::HeaderMap;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use integration::echo_server::{pattern, spawn_echo_server};
+use integration::harness::{
+    decode_grpc_frames, free_tcp_addr, free_udp_addr, grpc_frame, next_loopback_ip,
+    server_sidecar_config, within, Sidecar, TlsFiles,
+};
+use integration::pb::{EchoReply, EchoRequest};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use security_common::{metric, sidecar_certs, tls_yaml};
+
+const TRUST_DOMAIN: &str = "spiffe://cluster.test/ns/default/sa";
+const IDENTITY_HEADER: &str = "x-locality-sidecar-peer-identity";
+/// The DNS name every `locality-sidecar certs` certificate carries.
+const SERVER_NAME: &str = "locality-sidecar";
+const LIMIT: Duration = Duration::from_secs(10);
+const CONNECTIONS: &str = "locality_sidecar_peer_connections";
+const H2_INBOUND: [&str; 2] = ["direction=\"inbound\"", "protocol=\"h2\""];
+
+fn id(account: &str) -> String {
+    format!("{TRUST_DOMAIN}/{account}")
+}
+
+/// A TLS 1.3 + HTTP/2 connection to `address` (TCP), trusting `ca`, presenting `client`'s
+/// certificate, as a peer sidecar on the fallback would open it.
+async fn connect(
+    address: SocketAddr,
+    ca: &Path,
+    client: &TlsFiles,
+) -> Result<h2::client::SendRequest<Bytes>, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca).map_err(|e| e.to_string())? {
+        roots
+            .add(cert.map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())?;
+    }
+    let chain = CertificateDer::pem_file_iter(&client.cert)
+        .map_err(|e| e.to_string())?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| e.to_string())?;
+    let key = PrivateKeyDer::from_pem_file(&client.key).map_err(|e| e.to_string())?;
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .map_err(|e| e.to_string())?
+    .with_root_certificates(roots)
+    .with_client_auth_cert(chain, key)
+    .map_err(|e| e.to_string())?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(address)
+        .await
+        .map_err(|e| format!("TCP connect: {e}"))?;
+    let name = ServerName::try_from(SERVER_NAME).map_err(|e| e.to_string())?;
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .map_err(|e| format!("TLS handshake: {e}"))?;
+    let alpn = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+    if alpn.as_deref() != Some(b"h2".as_slice()) {
+        return Err(format!("the sidecar did not agree on ALPN h2: {alpn:?}"));
+    }
+    let (sender, connection) = h2::client::handshake(tls)
+        .await
+        .map_err(|e| format!("HTTP/2 handshake: {e}"))?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(sender)
+}
+
+/// One gRPC response as a peer receives it.
+#[derive(Debug)]
+struct Answer {
+    status: http::StatusCode,
+    headers: HeaderMap,
+    body: Bytes,
+    trailers: Option<HeaderMap>,
+}
+
+impl Answer {
+    /// `grpc-status` from the trailers, or from the headers of a trailers-only response.
+    fn grpc_status(&self) -> Option<&str> {
+        self.trailers
+            .as_ref()
+            .and_then(|trailers| trailers.get("grpc-status"))
+            .or_else(|| self.headers.get("grpc-status"))
+            .and_then(|value| value.to_str().ok())
+    }
+}
+
+/// One unary gRPC call on `sender`: `request` as the body, `metadata` added to the headers.
+async fn call(
+    sender: &h2::client::SendRequest<Bytes>,
+    path: &str,
+    metadata: &HeaderMap,
+    request: &EchoRequest,
+) -> Result<Answer, String> {
+    let mut ready = sender
+        .clone()
+        .ready()
+        .await
+        .map_err(|e| format!("connection not ready: {e}"))?;
+    let mut builder = http::Request::post(format!("https://{SERVER_NAME}{path}"))
+        .header(http::header::CONTENT_TYPE, "application/grpc")
+        .header(http::header::TE, "trailers");
+    for (name, value) in metadata {
+        builder = builder.header(name, value);
+    }
+    let head = builder.body(()).map_err(|e| e.to_string())?;
+    let (response, mut send) = ready
+        .send_request(head, false)
+        .map_err(|e| format!("send request: {e}"))?;
+    send.send_data(grpc_frame(request), true)
+        .map_err(|e| format!("send body: {e}"))?;
+    let response = response.await.map_err(|e| format!("response: {e}"))?;
+    let (parts, mut body) = response.into_parts();
+    let mut data = BytesMut::new();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.map_err(|e| format!("response body: {e}"))?;
+        let _ = body.flow_control().release_capacity(chunk.len());
+        data.extend_from_slice(&chunk);
+    }
+    let trailers = body
+        .trailers()
+        .await
+        .map_err(|e| format!("trailers: {e}"))?;
+    Ok(Answer {
+        status: parts.status,
+        headers: parts.headers,
+        body: data.freeze(),
+        trailers,
+    })
+}
+
+/// Polls `/metrics` until the open inbound HTTP/2 connections are `value`; panics after LIMIT.
+async fn wait_h2_connections(admin: SocketAddr, value: f64) {
+    let started = tokio::time::Instant::now();
+    loop {
+        let now = metric(admin, CONNECTIONS, &H2_INBOUND).await;
+        if now == value {
+            return;
+        }
+        assert!(
+            started.elapsed() < LIMIT,
+            "{CONNECTIONS}{H2_INBOUND:?} is {now} after {LIMIT:?}, expected {value}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_over_tcp_gets_its_exact_bytes_back_and_is_counted_as_an_http2_connection() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let ca_dir = dir.path().join("server-certs");
+    let server_tls = sidecar_certs(&ca_dir, None, Some(&id("echo")));
+    let peer_tls = sidecar_certs(
+        &dir.path().join("frontend"),
+        Some(&ca_dir),
+        Some(&id("frontend")),
+    );
+    let echo = spawn_echo_server(SocketAddr::from((next_loopback_ip(), 0)), "echo-pod")
+        .await
+        .expect("start the echo server");
+    let listen = free_udp_addr();
+    let admin = free_tcp_addr();
+    let config = server_sidecar_config(listen, echo.addr(), &server_tls, admin);
+    let _server = Sidecar::start("server", dir.path(), &config, admin).await;
+
+    let sender = within(
+        LIMIT,
+        "connect over TCP",
+        connect(listen, &server_tls.ca, &peer_tls),
+    )
+    .await
+    .expect("TLS + HTTP/2 to the inbound's TCP port");
+    // Not a multiple of any frame size, so a lost or repeated chunk shows.
+    let payload = pattern(70_001);
+    let request = EchoRequest {
+        payload: payload.clone(),
+        ..EchoRequest::default()
+    };
+    let answer = within(
+        LIMIT,
+        "unary call over HTTP/2",
+        call(&sender, "/echo.Echo/Unary", &HeaderMap::new(), &request),
+    )
+    .await
+    .expect("the call is answered");
+    assert_eq!(answer.status, http::StatusCode::OK, "{answer:?}");
+    assert_eq!(answer.grpc_status(), Some("0"), "{answer:?}");
+    let replies: Vec<EchoReply> = decode_grpc_frames(&answer.body);
+    assert_eq!(replies.len(), 1, "one reply");
+    assert_eq!(replies[0].payload, payload, "the exact bytes come back");
+    assert_eq!(replies[0].server, "echo-pod");
+
+    // The connection is still open: counted once, as inbound HTTP/2.
+    wait_h2_connections(admin, 1.0).await;
+    drop(sender);
+    // Closed by the peer: no longer counted.
+    wait_h2_connections(admin, 0.0).await;
+}
+
+/// A local app that records every request's headers and echoes the request body back with
+/// grpc-status 0, so a test sees both what reached the app and the bytes.
+struct RecordingApp {
+    addr: SocketAddr,
+    seen: Arc<Mutex<Vec<HeaderMap>>>,
+}
+
+async fn recording_app() -> RecordingApp {
+    use http_body_util::BodyExt;
+    let listener = tokio::net::TcpListener::bind((next_loopback_ip(), 0))
+        .await
+        .expect("bind the app");
+    let addr = listener.local_addr().expect("app address");
+    let seen: Arc<Mutex<Vec<HeaderMap>>> = Arc::default();
+    let record = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let record = record.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(
+                    move |request: http::Request<hyper::body::Incoming>| {
+                        record
+                            .lock()
+                            .expect("app lock")
+                            .push(request.headers().clone());
+                        async move {
+                            let body = request.into_body().collect().await?.to_bytes();
+                            let mut trailers = HeaderMap::new();
+                            trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+                            let frames = futures::stream::iter([
+                                Ok::<_, hyper::Error>(hyper::body::Frame::data(body)),
+                                Ok(hyper::body::Frame::trailers(trailers)),
+                            ]);
+                            let mut response =
+                                http::Response::new(http_body_util::StreamBody::new(frames));
+                            response.headers_mut().insert(
+                                http::header::CONTENT_TYPE,
+                                http::HeaderValue::from_static("application/grpc"),
+                            );
+                            Ok::<_, hyper::Error>(response)
+                        }
+                    },
+                );
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    RecordingApp { addr, seen }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identities_on_the_http2_fallback_are_verified_and_authorized_as_on_quic() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let ca_dir = dir.path().join("server-certs");
+    let server_tls = sidecar_certs(&ca_dir, None, Some(&id("echo")));
+    let app = recording_app().await;
+    let listen = free_udp_addr();
+    let admin = free_tcp_addr();
+    let config = format!(
+        "inbound: {{listen: {listen}, forward: {}, allow: [\"{}\"]}}\n{}\nadmin: {{listen: {admin}}}\n",
+        app.addr,
+        id("frontend"),
+        tls_yaml(&server_tls)
+    );
+    let _server = Sidecar::start("server", dir.path(), &config, admin).await;
+    let seen = || app.seen.lock().expect("app lock").clone();
+
+    // A listed identity reaches the app, which learns it from the sidecar alone.
+    let frontend = sidecar_certs(
+        &dir.path().join("frontend"),
+        Some(&ca_dir),
+        Some(&id("frontend")),
+    );
+    let sender = within(
+        LIMIT,
+        "connect as frontend",
+        connect(listen, &server_tls.ca, &frontend),
+    )
+    .await
+    .expect("a certificate of the CA is accepted");
+    let mut forged = HeaderMap::new();
+    forged.append(IDENTITY_HEADER, id("admin").parse().expect("header value"));
+    let request = EchoRequest {
+        payload: Bytes::from_static(b"who am i"),
+        ..EchoRequest::default()
+    };
+    let answer = within(
+        LIMIT,
+        "allowed call",
+        call(&sender, "/echo.Echo/Unary", &forged, &request),
+    )
+    .await
+    .expect("the allowed call is answered");
+    assert_eq!(answer.grpc_status(), Some("0"), "{answer:?}");
+    assert_eq!(answer.body, grpc_frame(&request), "the app's echo, exact");
+    let headers = seen();
+    assert_eq!(headers.len(), 1, "the call reached the app");
+    let identities: Vec<_> = headers[0].get_all(IDENTITY_HEADER).iter().collect();
+    assert_eq!(
+        identities,
+        vec![id("frontend").as_str()],
+        "only the verified identity: {:?}",
+        headers[0]
+    );
+
+    // Same CA, an identity the allow list does not name.
+    let intruder = sidecar_certs(
+        &dir.path().join("intruder"),
+        Some(&ca_dir),
+        Some(&id("intruder")),
+    );
+    let sender = within(
+        LIMIT,
+        "connect as intruder",
+        connect(listen, &server_tls.ca, &intruder),
+    )
+    .await
+    .expect("the handshake succeeds: the certificate is the CA's");
+    let answer = within(
+        LIMIT,
+        "unlisted call",
+        call(&sender, "/echo.Echo/Unary", &HeaderMap::new(), &request),
+    )
+    .await
+    .expect("the unlisted call is answered");
+    assert_eq!(
+        answer.grpc_status(),
+        Some("7"),
+        "PERMISSION_DENIED: {answer:?}"
+    );
+    assert_eq!(seen().len(), 1, "the unlisted caller never reached the app");
+
+    // A certificate from another CA (with an allowed identity in it) is refused by TLS. In TLS
+    // 1.3 the server judges the client's certificate after the client's side of the handshake
+    // is done, so the refusal (an alert) arrives at the first exchange: HTTP/2's preface.
+    let foreign = sidecar_certs(&dir.path().join("foreign"), None, Some(&id("frontend")));
+    let refused = within(LIMIT, "connect with a foreign certificate", async {
+        let sender = connect(listen, &server_tls.ca, &foreign).await?;
+        call(&sender, "/echo.Echo/Unary", &HeaderMap::new(), &request).await
+    })
+    .await;
+    let error = refused.expect_err("a certificate from another CA is refused");
+    assert!(
+        error.contains("alert") || error.contains("TLS handshake"),
+        "refused by TLS: {error}"
+    );
+    assert_eq!(seen().len(), 1, "the foreign caller never reached the app");
+}

@@ -611,25 +611,38 @@ struct QuicDialer {
     server_name: Arc<str>,
 }
 
+/// Why a QUIC connect failed, and whether the peer answered at all: only silence (UDP lost on
+/// the way) is a reason to try the HTTP/2 fallback; a peer that answered and refused would
+/// refuse over TCP too.
+struct DialFailure {
+    reason: String,
+    unanswered: bool,
+}
+
 impl QuicDialer {
-    async fn dial(self) -> Result<(H3Sender, quinn::Connection), String> {
+    async fn dial(self) -> Result<(H3Sender, quinn::Connection), DialFailure> {
         match tokio::time::timeout(
             CONNECT_TIMEOUT,
             connect(&self.endpoint, self.config, self.address, &self.server_name),
         )
         .await
         {
-            Ok(result) => result,
-            Err(_) => Err(format!(
-                "connect timed out after {} ms",
-                CONNECT_TIMEOUT.as_millis()
-            )),
+            Ok(result) => result.map_err(|reason| DialFailure {
+                reason,
+                unanswered: false,
+            }),
+            Err(_) => Err(DialFailure {
+                reason: format!("connect timed out after {} ms", CONNECT_TIMEOUT.as_millis()),
+                unanswered: true,
+            }),
         }
     }
 }
 
 type QuicDial = std::pin::Pin<
-    Box<dyn std::future::Future<Output = Result<(H3Sender, quinn::Connection), String>> + Send>,
+    Box<
+        dyn std::future::Future<Output = Result<(H3Sender, quinn::Connection), DialFailure>> + Send,
+    >,
 >;
 
 /// How the race between QUIC and the HTTP/2 fallback ended.
@@ -643,14 +656,16 @@ enum Raced {
 /// Connects to a peer the way browsers' happy eyeballs do: QUIC first, HTTP/2 over TLS on TCP
 /// from [`H2_RACE_DELAY`] on, the first to connect wins. Where UDP passes, QUIC answers well
 /// within the delay and TCP is never tried; where it is blocked, the first call waits the delay
-/// and a TCP handshake instead of QUIC's whole connect timeout.
+/// and a TCP handshake instead of QUIC's whole connect timeout. Both end by [`CONNECT_TIMEOUT`],
+/// so a peer down or frozen costs no longer than it did with QUIC alone.
 async fn race(quic: QuicDialer, tcp_config: Arc<rustls::ClientConfig>) -> Raced {
     let address = quic.address;
     let server_name = quic.server_name.clone();
     let mut quic_dial: QuicDial = Box::pin(quic.dial());
     let h2_dial = async {
         tokio::time::sleep(H2_RACE_DELAY).await;
-        h2_peer::connect(tcp_config, address, &server_name, CONNECT_TIMEOUT).await
+        let left = CONNECT_TIMEOUT.saturating_sub(H2_RACE_DELAY);
+        h2_peer::connect(tcp_config, address, &server_name, left).await
     };
     tokio::pin!(h2_dial);
     let mut quic_failed: Option<String> = None;
@@ -659,7 +674,8 @@ async fn race(quic: QuicDialer, tcp_config: Arc<rustls::ClientConfig>) -> Raced 
         tokio::select! {
             dialled = &mut quic_dial, if quic_failed.is_none() => match dialled {
                 Ok((sender, connection)) => return Raced::Quic(sender, connection),
-                Err(reason) => quic_failed = Some(reason),
+                Err(failure) if !failure.unanswered => return Raced::Failed(failure.reason),
+                Err(failure) => quic_failed = Some(failure.reason),
             },
             dialled = &mut h2_dial, if h2_failed.is_none() => match dialled {
                 Ok(connection) => {

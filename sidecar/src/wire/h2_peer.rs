@@ -187,11 +187,24 @@ impl Closed {
     }
 }
 
+/// Marks a connection closed when its driver task ends, however it ends.
+struct CloseMarker(Arc<Closed>);
+
+impl Drop for CloseMarker {
+    fn drop(&mut self) {
+        (self.0).0.store(true, Ordering::Release);
+    }
+}
+
 /// A new HTTP/2 connection to a peer sidecar.
 pub struct H2Connection {
     pub sender: h2::client::SendRequest<Bytes>,
     pub peer_identity: Option<String>,
     pub closed: Arc<Closed>,
+    /// PINGs, for telling a silent peer from a slow one (the pool's watchdog).
+    pub ping: Option<h2::PingPong>,
+    /// Ends the connection at once: every call on it fails, so it can go elsewhere.
+    pub driver: tokio::task::AbortHandle,
 }
 
 /// Connects to `address` over TCP, TLS 1.3 (mutual, `h2`) and HTTP/2, within `timeout`, and
@@ -225,23 +238,28 @@ pub async fn connect(
             .map_err(|e| format!("HTTP/2 setup: {e}"))?;
         Ok((sender, connection, peer_identity))
     };
-    let (sender, connection, peer_identity) = tokio::time::timeout(timeout, connecting)
+    let (sender, mut connection, peer_identity) = tokio::time::timeout(timeout, connecting)
         .await
         .map_err(|_| format!("TCP connect timed out after {} ms", timeout.as_millis()))??;
+    let ping = connection.ping_pong();
     let closed = Arc::new(Closed::default());
     let driver_closed = closed.clone();
     let open = crate::metrics::OpenPeerConnection::new("outbound", "h2");
-    tokio::spawn(async move {
+    // Set on every way out, an abort included (the flag lives in the task's state).
+    let marker = CloseMarker(driver_closed);
+    let driver = tokio::spawn(async move {
         let _open = open;
+        let _marker = marker;
         if let Err(error) = connection.await {
             tracing::debug!(%address, %error, "HTTP/2 connection to peer ended");
         }
-        driver_closed.0.store(true, Ordering::Release);
     });
     Ok(H2Connection {
         sender,
         peer_identity,
         closed,
+        ping,
+        driver: driver.abort_handle(),
     })
 }
 

@@ -771,6 +771,16 @@ fn install_h2(
         link: Arc::new(Link::default()),
         peer_identity: connection.peer_identity.map(Arc::from),
     };
+    if let Some(ping) = connection.ping {
+        tokio::spawn(watch_h2_link(
+            ping,
+            connection.driver,
+            connection.closed.clone(),
+            pooled.link.clone(),
+            Arc::downgrade(slot),
+            address,
+        ));
+    }
     *slot.state() = SlotState::Live(LiveConnection {
         pooled: pooled.clone(),
         transport: LiveTransport::H2(connection.closed),
@@ -935,6 +945,63 @@ async fn watch_link(
                 ));
             }
             connection.close(VarInt::from_u32(H3_NO_ERROR), b"peer unresponsive");
+            return;
+        }
+    }
+}
+
+/// [`watch_link`] for the HTTP/2 fallback: while calls wait, PINGs the peer every tick (one at a
+/// time); PONGs stand for QUIC's received datagrams. A peer silent for [`DEAD_AFTER`] while
+/// calls wait has its connection ended at once, so they retry elsewhere; TCP alone would keep
+/// them waiting for its retransmission timeouts.
+async fn watch_h2_link(
+    mut ping: h2::PingPong,
+    driver: tokio::task::AbortHandle,
+    closed: Arc<h2_peer::Closed>,
+    link: Arc<Link>,
+    slot: Weak<Slot>,
+    address: SocketAddr,
+) {
+    let mut pongs = 0u64;
+    let mut silence = Silence {
+        datagrams: pongs,
+        heard: Instant::now(),
+    };
+    let mut outstanding = false;
+    let mut ticks = tokio::time::interval(WATCHDOG_TICK);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            pong = std::future::poll_fn(|cx| ping.poll_pong(cx)), if outstanding => match pong {
+                Ok(_) => {
+                    pongs += 1;
+                    outstanding = false;
+                }
+                // The connection is gone: nothing left to watch.
+                Err(_) => return,
+            },
+            _ = ticks.tick() => {}
+        }
+        if closed.is_closed() {
+            return;
+        }
+        let waiting = link.waiting.load(Ordering::Acquire);
+        if waiting > 0 && !outstanding {
+            if ping.send_ping(h2::Ping::opaque()).is_err() {
+                return;
+            }
+            outstanding = true;
+        }
+        if silence.look(pongs, waiting, Instant::now()) == Verdict::Dead {
+            metrics().quic_dead_connections.inc();
+            tracing::warn!(%address, waiting, silent_ms = DEAD_AFTER.as_millis() as u64, "peer sidecar stopped answering on the HTTP/2 fallback; connection ended and its calls moved");
+            if let Some(slot) = slot.upgrade() {
+                slot.remember_failure(format!(
+                    "peer stopped answering (no PING answered for {} ms)",
+                    DEAD_AFTER.as_millis()
+                ));
+            }
+            driver.abort();
             return;
         }
     }

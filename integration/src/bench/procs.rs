@@ -5,6 +5,11 @@
 //! Every proxy is a separate process, as it is in a pod, so its CPU time and memory can be read
 //! from `/proc/PID` without mixing in the load generator or the echo server. Processes that
 //! fork workers (nginx) are measured as a tree: the master and its children, summed.
+//!
+//! For the lossy-link scenarios the server side of every setup (the echo server and the
+//! server-side proxy) runs in a network namespace across a veth link ([`NetNode`]), like a pod
+//! on another node; the load generator and the client-side proxy stay here. Loopback never
+//! loses a packet, so loss recovery can only be compared across such a link.
 
 use std::{
     collections::HashMap,
@@ -21,6 +26,23 @@ use integration::harness::{
     client_sidecar_config, free_tcp_addr, free_udp_addr, server_sidecar_config, CertDir, Sidecar,
     StaticEndpoint,
 };
+use integration::netns::NetNode;
+
+/// Ports inside a server-side namespace. The namespace is made for one scenario and holds one
+/// process per port, so fixed numbers cannot collide (and read well in logs).
+const NODE_ECHO_PORT: u16 = 50051;
+const NODE_QUIC_PORT: u16 = 15443;
+const NODE_ADMIN_PORT: u16 = 15090;
+const NODE_HAPROXY_PORT: u16 = 8443;
+const NODE_NGINX_PORT: u16 = 8444;
+
+/// Where a server-side process runs: here, or inside a namespace across a link.
+fn server_command(program: &Path, node: Option<&NetNode>) -> Command {
+    match node {
+        Some(node) => node.command(&program.display().to_string()),
+        None => Command::new(program),
+    }
+}
 
 /// The four ways a call can travel from the load generator to the echo server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -337,14 +359,24 @@ impl Drop for ManagedChild {
 /// not mixed with the load generator's and both can be read from `/proc`.
 pub struct EchoProcess {
     child: ManagedChild,
+    /// Where a proxy next to it (on its node) reaches it.
     pub addr: SocketAddr,
+    /// Where the load generator reaches it directly: `addr`, or across the link when it runs
+    /// in a namespace.
+    pub direct_addr: SocketAddr,
 }
 
 impl EchoProcess {
-    pub fn start(binary: &Path, dir: &Path) -> anyhow::Result<EchoProcess> {
+    /// Starts the echo server here, or inside `node` listening on every address of the
+    /// namespace (its loopback for the proxy beside it, the link for direct calls).
+    pub fn start(binary: &Path, dir: &Path, node: Option<&NetNode>) -> anyhow::Result<EchoProcess> {
         let log = dir.join("echo-server.log");
-        let mut command = Command::new(binary);
-        command.args(["--listen", "127.0.0.1:0", "--name", "bench"]);
+        let mut command = server_command(binary, node);
+        let listen = match node {
+            Some(_) => format!("0.0.0.0:{NODE_ECHO_PORT}"),
+            None => "127.0.0.1:0".to_owned(),
+        };
+        command.args(["--listen", &listen, "--name", "bench"]);
         let child = ManagedChild::spawn("echo-server", command, &log)?;
         // The server prints its address on its first line; the log file is its stdout.
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -358,7 +390,18 @@ impl EchoProcess {
                 .and_then(|l| l.rsplit(' ').next())
                 .and_then(|a| a.parse::<SocketAddr>().ok())
             {
-                return Ok(EchoProcess { child, addr });
+                let (addr, direct_addr) = match node {
+                    Some(node) => (
+                        SocketAddr::from(([127, 0, 0, 1], addr.port())),
+                        SocketAddr::from((node.ip(), addr.port())),
+                    ),
+                    None => (addr, addr),
+                };
+                return Ok(EchoProcess {
+                    child,
+                    addr,
+                    direct_addr,
+                });
             }
             if Instant::now() >= deadline {
                 bail!(
@@ -470,21 +513,33 @@ fn nginx_user_line() -> String {
     }
 }
 
-/// Starts one setup in `dir` in front of the echo server at `echo`.
+/// Starts one setup in `dir` in front of `echo`. With `node`, the server-side proxy runs in
+/// that namespace beside the echo server, and the client side reaches it across the link.
 pub async fn start_setup(
     kind: SetupKind,
     context: &Context,
     dir: &Path,
-    echo: SocketAddr,
+    echo: &EchoProcess,
+    node: Option<&NetNode>,
 ) -> anyhow::Result<RunningSetup> {
     std::fs::create_dir_all(dir)?;
     let names = kind.side_names();
     let mut sides = Vec::new();
+    // Server-side addresses: fixed ports on the node's link address, or free loopback ports.
+    let node_tcp = |port: u16| match node {
+        Some(node) => SocketAddr::from((node.ip(), port)),
+        None => free_tcp_addr(),
+    };
+    let node_udp = |port: u16| match node {
+        Some(node) => SocketAddr::from((node.ip(), port)),
+        None => free_udp_addr(),
+    };
+    let echo_addr = echo.addr;
     let target = match kind {
-        SetupKind::Direct => echo,
+        SetupKind::Direct => echo.direct_addr,
         SetupKind::Sidecar => {
-            let quic = free_udp_addr();
-            let server_admin = free_tcp_addr();
+            let quic = node_udp(NODE_QUIC_PORT);
+            let server_admin = node_tcp(NODE_ADMIN_PORT);
             let app = free_tcp_addr();
             let client_admin = free_tcp_addr();
             // One runtime worker per sidecar: one core's worth per side, like `nbthread 1` and
@@ -502,10 +557,11 @@ pub async fn start_setup(
                 ("RUST_LOG".to_owned(), "warn".to_owned()),
             ];
             let tls = context.certs.tls();
-            let mut server = Sidecar::spawn_with(
+            let mut server = Sidecar::spawn_via(
+                server_command(&integration::harness::sidecar_binary(), node),
                 "sidecar-inbound",
                 dir,
-                &server_sidecar_config(quic, echo, &tls, server_admin),
+                &server_sidecar_config(quic, echo_addr, &tls, server_admin),
                 server_admin,
                 &[],
                 &env,
@@ -543,13 +599,16 @@ pub async fn start_setup(
                 .as_deref()
                 .context("haproxy not installed")?;
             let a_listen = free_tcp_addr();
-            let b_listen = free_tcp_addr();
+            let b_listen = node_tcp(NODE_HAPROXY_PORT);
             let common = [
                 ("CA", path_str(&context.certs.ca())),
                 ("CERT_PEM", path_str(&context.cert_pem)),
             ];
             let mut b_values = common.to_vec();
-            b_values.extend([("LISTEN", b_listen.to_string()), ("APP", echo.to_string())]);
+            b_values.extend([
+                ("LISTEN", b_listen.to_string()),
+                ("APP", echo_addr.to_string()),
+            ]);
             let mut a_values = common.to_vec();
             a_values.extend([
                 ("LISTEN", a_listen.to_string()),
@@ -562,7 +621,11 @@ pub async fn start_setup(
             ] {
                 let config = dir.join(format!("haproxy-{side}.cfg"));
                 std::fs::write(&config, render(template, &values)?)?;
-                let mut command = Command::new(program);
+                let mut command = if side == "b" {
+                    server_command(program, node)
+                } else {
+                    Command::new(program)
+                };
                 // -db: stay in the foreground, one process (no master-worker).
                 command.arg("-db").arg("-f").arg(&config);
                 let mut child = ManagedChild::spawn(
@@ -588,7 +651,7 @@ pub async fn start_setup(
         SetupKind::Nginx => {
             let program = context.nginx.as_deref().context("nginx not installed")?;
             let a_listen = free_tcp_addr();
-            let b_listen = free_tcp_addr();
+            let b_listen = node_tcp(NODE_NGINX_PORT);
             let common = [
                 ("CA", path_str(&context.certs.ca())),
                 ("CERT", path_str(&context.certs.cert())),
@@ -597,7 +660,10 @@ pub async fn start_setup(
                 ("USER", nginx_user_line()),
             ];
             let mut b_values = common.to_vec();
-            b_values.extend([("LISTEN", b_listen.to_string()), ("APP", echo.to_string())]);
+            b_values.extend([
+                ("LISTEN", b_listen.to_string()),
+                ("APP", echo_addr.to_string()),
+            ]);
             let mut a_values = common.to_vec();
             a_values.extend([
                 ("LISTEN", a_listen.to_string()),
@@ -614,7 +680,11 @@ pub async fn start_setup(
                     std::fs::create_dir_all(dir.join(format!("nginx-{side}-tmp/{sub}")))?;
                 }
                 let error_log = dir.join(format!("nginx-{side}-error.log"));
-                let mut command = Command::new(program);
+                let mut command = if side == "b" {
+                    server_command(program, node)
+                } else {
+                    Command::new(program)
+                };
                 command
                     .arg("-p")
                     .arg(dir)

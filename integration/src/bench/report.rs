@@ -133,6 +133,36 @@ pub enum Load {
     },
 }
 
+/// What the calls crossed between the client side and the server side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Link {
+    /// Everything on this machine's loopback.
+    Loopback,
+    /// A veth link to a network namespace, nothing dropped.
+    Clean,
+    /// The same link with this many packets in 1,000 dropped at random, each way.
+    Lossy { per_mille: u32 },
+}
+
+impl Link {
+    pub fn label(self) -> String {
+        match self {
+            Link::Loopback => "loopback".into(),
+            Link::Clean => "clean link".into(),
+            Link::Lossy { per_mille } => format!("{} loss", fmt_per_mille(per_mille)),
+        }
+    }
+}
+
+/// Thousandths as a percentage: 10 → "1%", 5 → "0.5%".
+pub fn fmt_per_mille(per_mille: u32) -> String {
+    if per_mille % 10 == 0 {
+        format!("{}%", per_mille / 10)
+    } else {
+        format!("{}%", per_mille as f64 / 10.0)
+    }
+}
+
 /// A scenario's definition and what every setup did in it.
 #[derive(Debug)]
 pub struct ScenarioResult {
@@ -142,6 +172,12 @@ pub struct ScenarioResult {
     /// Open loop: the rate used, calls/s.
     pub rate: Option<f64>,
     pub rate_source: Option<String>,
+    pub link: Link,
+    /// Lossy link: the name of the same scenario's results on the clean link (same processes,
+    /// same run), which "throughput kept" compares against.
+    pub clean_counterpart: Option<String>,
+    /// `/proc/loadavg` when the scenario started: the machine is shared.
+    pub load_at_start: Option<String>,
     pub setups: Vec<SetupResult>,
 }
 
@@ -279,6 +315,14 @@ pub fn ratio_lines(scenario: &ScenarioResult) -> Vec<String> {
 pub fn scenario_table(scenario: &ScenarioResult) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "\n== {} — {}", scenario.name, scenario.about);
+    if scenario.link != Link::Loopback {
+        let _ = writeln!(
+            out,
+            "   link: {}; load average at the scenario's start: {}",
+            scenario.link.label(),
+            scenario.load_at_start.as_deref().unwrap_or("?")
+        );
+    }
     if let (Some(rate), Some(source)) = (scenario.rate, &scenario.rate_source) {
         let _ = writeln!(out, "   rate {} calls/s ({source})", fmt_rate(rate));
     }
@@ -399,6 +443,132 @@ pub fn scenario_table(scenario: &ScenarioResult) -> String {
     }
     for line in ratio_lines(scenario) {
         let _ = writeln!(out, "   {line}");
+    }
+    out
+}
+
+/// Each setup's throughput on the lossy link as a share of its throughput on the same link
+/// clean (same processes, same run): what loss costs each setup.
+pub fn kept(lossy: &ScenarioResult, clean: &ScenarioResult, kind: SetupKind) -> Option<f64> {
+    let (l, c) = (lossy.setup(kind)?, clean.setup(kind)?);
+    (c.throughput() > 0.0).then(|| l.throughput() / c.throughput())
+}
+
+/// The "throughput kept" lines printed under a lossy scenario's table.
+pub fn kept_lines(lossy: &ScenarioResult, clean: &ScenarioResult) -> Vec<String> {
+    SetupKind::ALL
+        .into_iter()
+        .filter_map(|kind| {
+            let share = kept(lossy, clean, kind)?;
+            let (l, c) = (lossy.setup(kind)?, clean.setup(kind)?);
+            Some(format!(
+                "{:<8} kept {:.0}% of its clean-link throughput ({} vs {} calls/s); p99.9 {} vs {}",
+                kind.name(),
+                share * 100.0,
+                fmt_rate(l.throughput()),
+                fmt_rate(c.throughput()),
+                fmt_ns(l.percentile_ns(99.9)),
+                fmt_ns(c.percentile_ns(99.9)),
+            ))
+        })
+        .collect()
+}
+
+fn clean_of<'a>(
+    scenarios: &'a [ScenarioResult],
+    lossy: &ScenarioResult,
+) -> Option<&'a ScenarioResult> {
+    let name = lossy.clean_counterpart.as_deref()?;
+    scenarios.iter().find(|s| s.name == name)
+}
+
+/// The lossy-link results in one table (Markdown, as BENCHMARKS.md shows it): per lossy
+/// scenario, latency percentiles, calls/s and throughput kept, one column per setup.
+pub fn lossy_summary(scenarios: &[ScenarioResult]) -> String {
+    let lossy: Vec<&ScenarioResult> = scenarios
+        .iter()
+        .filter(|s| matches!(s.link, Link::Lossy { .. }))
+        .collect();
+    let Some(first) = lossy.first() else {
+        return String::new();
+    };
+    let kinds: Vec<SetupKind> = SetupKind::ALL
+        .into_iter()
+        .filter(|k| lossy.iter().any(|s| s.setup(*k).is_some()))
+        .collect();
+    let mut out = format!(
+        "\n== lossy link ({} each way), summary\n",
+        first.link.label()
+    );
+    let _ = writeln!(
+        out,
+        "| | {} |\n|---|{}",
+        kinds
+            .iter()
+            .map(|k| k.name())
+            .collect::<Vec<_>>()
+            .join(" | "),
+        "---|".repeat(kinds.len())
+    );
+    for scenario in lossy {
+        let clean = clean_of(scenarios, scenario);
+        let cell = |f: &dyn Fn(&SetupResult) -> String| -> String {
+            kinds
+                .iter()
+                .map(|k| scenario.setup(*k).map(f).unwrap_or_else(|| "-".into()))
+                .collect::<Vec<_>>()
+                .join(" | ")
+        };
+        let _ = writeln!(
+            out,
+            "| {}: p50 / p99 / p99.9 | {} |",
+            scenario.name,
+            cell(&|r| format!(
+                "{} / {} / {}",
+                fmt_ns(r.percentile_ns(50.0)),
+                fmt_ns(r.percentile_ns(99.0)),
+                fmt_ns(r.percentile_ns(99.9))
+            ))
+        );
+        let _ = writeln!(
+            out,
+            "| {}: calls/s (clean link) | {} |",
+            scenario.name,
+            kinds
+                .iter()
+                .map(
+                    |k| match (scenario.setup(*k), clean.and_then(|c| c.setup(*k))) {
+                        (Some(l), Some(c)) => format!(
+                            "{} ({})",
+                            fmt_rate(l.throughput()),
+                            fmt_rate(c.throughput())
+                        ),
+                        (Some(l), None) => fmt_rate(l.throughput()),
+                        _ => "-".into(),
+                    }
+                )
+                .collect::<Vec<_>>()
+                .join(" | ")
+        );
+        let _ = writeln!(
+            out,
+            "| {}: throughput kept vs clean link | {} |",
+            scenario.name,
+            kinds
+                .iter()
+                .map(|k| clean
+                    .and_then(|c| kept(scenario, c, *k))
+                    .map(|x| format!("{:.0}%", x * 100.0))
+                    .unwrap_or_else(|| "-".into()))
+                .collect::<Vec<_>>()
+                .join(" | ")
+        );
+        let _ = writeln!(
+            out,
+            "| {}: calls measured, errors | {} |",
+            scenario.name,
+            cell(&|r| format!("{}, {}", r.calls, r.errors))
+        );
     }
     out
 }
@@ -543,6 +713,48 @@ pub fn targets(scenarios: &[ScenarioResult]) -> Vec<Target> {
         }
     }
     out.push(t4);
+
+    // Issue 16: loss recovery tuned for pod networks, judged on a 1% lossy link.
+    let lossy = |name: &str| find(name).filter(|s| matches!(s.link, Link::Lossy { per_mille: 10 }));
+    let mut t5 = Target {
+        text: "1% loss each way, unary 256 B, c=1: sidecar p99 < 5 ms and p99.9 < 10 ms",
+        verdict: None,
+        detail: "needs lossy-unary-256B-c1 with the sidecar at --loss-per-mille 10".into(),
+    };
+    if let Some(side) = lossy("lossy-unary-256B-c1").and_then(|s| s.setup(SetupKind::Sidecar)) {
+        let (p99, p999) = (side.percentile_ns(99.0), side.percentile_ns(99.9));
+        t5.verdict = Some(p99 < 5_000_000 && p999 < 10_000_000);
+        t5.detail = format!(
+            "p99 {}, p99.9 {} over {} calls",
+            fmt_ns(p99),
+            fmt_ns(p999),
+            side.calls
+        );
+    }
+    out.push(t5);
+
+    let mut t6 = Target {
+        text: "1% loss each way, unary 256 B, c=64: sidecar keeps ≥ 85% of its no-loss throughput, p99.9 < 10 ms",
+        verdict: None,
+        detail: "needs lossy-unary-256B-c64 (and its clean counterpart) with the sidecar at --loss-per-mille 10".into(),
+    };
+    if let Some(s) = lossy("lossy-unary-256B-c64") {
+        if let (Some(side), Some(share)) = (
+            s.setup(SetupKind::Sidecar),
+            clean_of(scenarios, s).and_then(|c| kept(s, c, SetupKind::Sidecar)),
+        ) {
+            let p999 = side.percentile_ns(99.9);
+            t6.verdict = Some(share >= 0.85 && p999 < 10_000_000);
+            t6.detail = format!(
+                "kept {:.0}% ({} calls/s), p99.9 {} over {} calls",
+                share * 100.0,
+                fmt_rate(side.throughput()),
+                fmt_ns(p999),
+                side.calls
+            );
+        }
+    }
+    out.push(t6);
     out
 }
 
@@ -668,6 +880,20 @@ pub fn to_json(scenarios: &[ScenarioResult], header: Value, targets: &[Target]) 
             "load": format!("{:?}", s.load),
             "rate_per_second": s.rate,
             "rate_source": s.rate_source,
+            "link": s.link.label(),
+            "loss_per_mille": match s.link {
+                Link::Lossy { per_mille } => Some(per_mille),
+                Link::Clean => Some(0),
+                Link::Loopback => None,
+            },
+            "clean_counterpart": s.clean_counterpart,
+            "load_average_at_start": s.load_at_start,
+            "throughput_kept": clean_of(scenarios, s).map(|clean| {
+                SetupKind::ALL
+                    .into_iter()
+                    .filter_map(|k| Some((k.name().to_owned(), json!(kept(s, clean, k)?))))
+                    .collect::<serde_json::Map<_, _>>()
+            }),
             "setups": s.setups.iter().map(setup_json).collect::<Vec<_>>(),
             "ratios": ratios_json(s),
         })).collect::<Vec<_>>(),

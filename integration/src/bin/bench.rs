@@ -9,6 +9,11 @@
 //! a shared machine's load hits all setups alike. Output: a table on the terminal, a JSON file
 //! and an SVG percentile plot. `./integration/bench.sh` builds, installs the peers and runs it;
 //! BENCHMARKS.md explains the figures.
+//!
+//! The `lossy-*` scenarios put the server side of every setup (echo server and server-side
+//! proxy) in a network namespace across a veth link, and measure each setup twice per round:
+//! with the link clean and with random loss on it (1% each way by default), so the share of
+//! throughput a setup keeps under loss comes from the same processes in the same run.
 
 #[path = "../bench/load.rs"]
 mod load;
@@ -28,9 +33,10 @@ use bytes::Bytes;
 use clap::Parser;
 use serde_json::{json, Value};
 
+use integration::netns::{Fault, NetNode};
 use load::Mark;
 use procs::{Context, EchoProcess, RunningSetup, SetupKind};
-use report::{Load, ScenarioResult, SetupResult, SideResult, Status};
+use report::{Link, Load, ScenarioResult, SetupResult, SideResult, Status};
 
 /// Runs the benchmark; see BENCHMARKS.md.
 #[derive(Debug, Parser)]
@@ -88,6 +94,10 @@ struct Args {
     /// Busy (measured) streams in the streams scenario.
     #[arg(long, default_value_t = 100)]
     busy_streams: usize,
+    /// Random loss on the link of the `lossy-*` scenarios, in thousandths of packets dropped
+    /// each way (10 = 1%).
+    #[arg(long, default_value_t = 10, value_name = "N")]
+    loss_per_mille: u32,
     /// Keep the temporary directory (configs and logs of every process) and print its path.
     #[arg(long)]
     keep_dir: bool,
@@ -108,6 +118,27 @@ struct Scenario {
     name: String,
     about: String,
     load: Load,
+    /// Across a veth link to a namespace, measured clean and lossy, instead of on loopback.
+    lossy: bool,
+}
+
+/// Prefix of the scenarios that run across a lossy link.
+const LOSSY_PREFIX: &str = "lossy-";
+
+/// Why the lossy-link scenarios cannot run here (they need root, `ip` and `nft`), if so.
+fn lossy_unavailable() -> Option<String> {
+    let root = std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+    if !root {
+        return Some("not root".into());
+    }
+    let missing: Vec<&str> = ["ip", "nft"]
+        .into_iter()
+        .filter(|p| procs::find_program(p).is_none())
+        .collect();
+    (!missing.is_empty()).then(|| format!("{} not installed", missing.join(" and ")))
 }
 
 const SMALL: usize = 256;
@@ -127,6 +158,7 @@ fn scenarios(args: &Args) -> Vec<Scenario> {
                     if size == SMALL { "256 B" } else { "64 KiB" }
                 ),
                 load: Load::Closed { concurrency, size },
+                lossy: false,
             });
         }
     }
@@ -140,6 +172,7 @@ fn scenarios(args: &Args) -> Vec<Scenario> {
             size: SMALL,
             fraction: args.rate_fraction,
         },
+        lossy: false,
     });
     let messages = args
         .stream_messages
@@ -153,6 +186,7 @@ fn scenarios(args: &Args) -> Vec<Scenario> {
             messages,
             size: STREAM_MESSAGE_SIZE,
         },
+        lossy: false,
     });
     list.push(Scenario {
         name: "streams-idle-busy".into(),
@@ -165,7 +199,30 @@ fn scenarios(args: &Args) -> Vec<Scenario> {
             busy: args.busy_streams,
             size: SMALL,
         },
+        lossy: false,
     });
+    for concurrency in [1, 64] {
+        list.push(Scenario {
+            name: format!("{LOSSY_PREFIX}unary-256B-c{concurrency}"),
+            about: format!(
+                "closed loop, {concurrency} caller{} doing unary 256 B calls, server side in a namespace across a veth link, measured with the link clean and with {} random loss each way",
+                if concurrency == 1 { "" } else { "s" },
+                report::fmt_per_mille(args.loss_per_mille)
+            ),
+            load: Load::Closed {
+                concurrency,
+                size: SMALL,
+            },
+            lossy: true,
+        });
+    }
+    if args.only.is_empty() && !args.quick {
+        // Namespaces and nftables need root: the full run includes the lossy link only where
+        // it can build one (`main` says so when it leaves them out).
+        if lossy_unavailable().is_some() {
+            list.retain(|s| !s.lossy);
+        }
+    }
     if args.quick && args.only.is_empty() {
         const QUICK: [&str; 6] = [
             "unary-256B-c1",
@@ -380,11 +437,37 @@ struct Bench<'a> {
     ticks: f64,
 }
 
+/// The link states one scenario measures each setup under: loopback alone, or across a veth
+/// link clean and then lossy (alternating which goes first by round).
+fn links(scenario: &Scenario, loss_per_mille: u32) -> Vec<Link> {
+    if scenario.lossy {
+        vec![
+            Link::Clean,
+            Link::Lossy {
+                per_mille: loss_per_mille,
+            },
+        ]
+    } else {
+        vec![Link::Loopback]
+    }
+}
+
+/// The name of one link state's results: the scenario's own for loopback and for the lossy
+/// link (the figure the scenario is about), `-noloss` appended for its clean counterpart.
+fn result_name(scenario: &Scenario, link: Link) -> String {
+    match link {
+        Link::Clean => format!("{}-noloss", scenario.name),
+        Link::Loopback | Link::Lossy { .. } => scenario.name.clone(),
+    }
+}
+
+/// Runs one scenario: one result per link state (one for loopback scenarios, a clean and a
+/// lossy one for `lossy-*`), clean counterpart first.
 async fn run_scenario(
     bench: &Bench<'_>,
     scenario: &Scenario,
     earlier: &[ScenarioResult],
-) -> anyhow::Result<ScenarioResult> {
+) -> anyhow::Result<Vec<ScenarioResult>> {
     let Bench {
         args,
         plan,
@@ -395,34 +478,51 @@ async fn run_scenario(
     } = *bench;
     let dir = dir.join(&scenario.name);
     std::fs::create_dir_all(&dir)?;
-    let echo = EchoProcess::start(echo_binary, &dir)?;
-    let mut results: Vec<SetupResult> = Vec::new();
+    let load_at_start = read_trimmed("/proc/loadavg");
+    let node = if scenario.lossy {
+        Some(NetNode::create().context(
+            "cannot build the namespace and veth link (lossy scenarios need root, iproute2 and nftables)",
+        )?)
+    } else {
+        None
+    };
+    let links = links(scenario, args.loss_per_mille);
+    let echo = EchoProcess::start(echo_binary, &dir, node.as_ref())?;
+    // results[link][setup]
+    let mut results: Vec<Vec<SetupResult>> = links.iter().map(|_| Vec::new()).collect();
     let mut running: Vec<(SetupKind, RunningSetup)> = Vec::new();
     for &kind in &plan.setups {
         if context.missing(kind).is_some() {
-            results.push(SetupResult::new(kind, Status::NotInstalled));
+            for per_link in &mut results {
+                per_link.push(SetupResult::new(kind, Status::NotInstalled));
+            }
             continue;
         }
-        match procs::start_setup(kind, context, &dir.join(kind.name()), echo.addr).await {
+        match procs::start_setup(kind, context, &dir.join(kind.name()), &echo, node.as_ref()).await
+        {
             Ok(setup) => {
-                let mut result = SetupResult::new(kind, Status::Ran);
-                result.sides = setup
-                    .sides
-                    .iter()
-                    .map(|side| SideResult {
-                        name: side.name,
-                        cpu_seconds: 0.0,
-                        idle_rss: side.idle_rss,
-                        peak_rss: 0,
-                        rss_streams_open: None,
-                    })
-                    .collect();
-                results.push(result);
+                for per_link in &mut results {
+                    let mut result = SetupResult::new(kind, Status::Ran);
+                    result.sides = setup
+                        .sides
+                        .iter()
+                        .map(|side| SideResult {
+                            name: side.name,
+                            cpu_seconds: 0.0,
+                            idle_rss: side.idle_rss,
+                            peak_rss: 0,
+                            rss_streams_open: None,
+                        })
+                        .collect();
+                    per_link.push(result);
+                }
                 running.push((kind, setup));
             }
             Err(error) => {
                 eprintln!("{}: cannot start: {error:#}", kind.name());
-                results.push(SetupResult::new(kind, Status::Failed(format!("{error:#}"))));
+                for per_link in &mut results {
+                    per_link.push(SetupResult::new(kind, Status::Failed(format!("{error:#}"))));
+                }
             }
         }
     }
@@ -442,87 +542,128 @@ async fn run_scenario(
         for step in 0..count {
             let index = (step + round) % count;
             let (kind, setup) = &running[index];
-            let result = results
-                .iter_mut()
-                .find(|r| r.kind == *kind)
-                .expect("every running setup has a result");
-            if !matches!(result.status, Status::Ran) {
-                continue;
-            }
-            let mut pids: Vec<u32> = setup.sides.iter().map(|s| s.pid).collect();
-            pids.extend([echo.pid(), self_pid]);
-            eprint!(
-                "  {} round {}/{}: {:<8}\r",
-                scenario.name,
-                round + 1,
-                plan.rounds,
-                kind.name()
-            );
-            let outcome = run_load(
-                &scenario.load,
-                setup.target,
-                plan,
-                rate.unwrap_or(0.0),
-                &pids,
-                setup.sides.len(),
-                ticks,
-            )
-            .await;
-            match outcome {
-                Ok((outcome, window)) => {
-                    for ns in &outcome.latencies_ns {
-                        result.histogram.saturating_record(*ns);
-                    }
-                    result.calls += outcome.calls;
-                    result.errors += outcome.errors;
-                    if result.first_error.is_none() {
-                        result.first_error = outcome.first_error;
-                    }
-                    result.measured += outcome.measured;
-                    if let Load::Stream { .. } = scenario.load {
-                        result.stream_times.push(outcome.measured);
-                    }
-                    result.start_lag.extend(outcome.mean_start_lag);
-                    let sides = result.sides.len();
-                    for (side, cpu) in result.sides.iter_mut().zip(&window.delta) {
-                        side.cpu_seconds += cpu;
-                    }
-                    if window.delta.len() == sides + 2 {
-                        result.echo_cpu += window.delta[sides];
-                        result.loadgen_cpu += window.delta[sides + 1];
-                    }
-                    for (side, rss) in result.sides.iter_mut().zip(&window.rss_open) {
-                        side.rss_streams_open = Some(side.rss_streams_open.unwrap_or(0).max(*rss));
-                    }
+            for offset in 0..links.len() {
+                // Alternate which link state goes first, for the same reason.
+                let link_index = (offset + round) % links.len();
+                let link = links[link_index];
+                let result = results[link_index]
+                    .iter_mut()
+                    .find(|r| r.kind == *kind)
+                    .expect("every running setup has a result");
+                if !matches!(result.status, Status::Ran) {
+                    continue;
                 }
-                Err(error) => {
-                    eprintln!("{}: {} failed: {error:#}", scenario.name, kind.name());
-                    result.status = Status::Failed(format!("{error:#}"));
+                if let Some(node) = &node {
+                    let fault = match link {
+                        Link::Lossy { per_mille } => Fault::RandomLoss { per_mille },
+                        Link::Clean | Link::Loopback => Fault::Clean,
+                    };
+                    node.set_fault(fault)
+                        .context("set the link's loss rules in the namespace")?;
                 }
+                let mut pids: Vec<u32> = setup.sides.iter().map(|s| s.pid).collect();
+                pids.extend([echo.pid(), self_pid]);
+                eprint!(
+                    "  {} round {}/{}: {:<8} {:<10}\r",
+                    scenario.name,
+                    round + 1,
+                    plan.rounds,
+                    kind.name(),
+                    link.label()
+                );
+                let outcome = run_load(
+                    &scenario.load,
+                    setup.target,
+                    plan,
+                    rate.unwrap_or(0.0),
+                    &pids,
+                    setup.sides.len(),
+                    ticks,
+                )
+                .await;
+                record(result, outcome, scenario, &result_name(scenario, link));
             }
         }
     }
-    eprint!("{:<60}\r", "");
+    eprint!("{:<70}\r", "");
     for (kind, setup) in &running {
-        if let Some(result) = results.iter_mut().find(|r| r.kind == *kind) {
-            for (side_result, side) in result.sides.iter_mut().zip(&setup.sides) {
-                side_result.peak_rss = procs::peak_rss_bytes(side.pid);
+        for per_link in &mut results {
+            if let Some(result) = per_link.iter_mut().find(|r| r.kind == *kind) {
+                for (side_result, side) in result.sides.iter_mut().zip(&setup.sides) {
+                    side_result.peak_rss = procs::peak_rss_bytes(side.pid);
+                }
             }
         }
     }
-    // Stop the proxies before the echo server, as their owners would.
+    // Stop the proxies before the echo server, as their owners would, and both before their
+    // namespace goes.
     drop(running);
     drop(echo);
-    // Keep the table's column order the same in every scenario.
-    results.sort_by_key(|r| SetupKind::ALL.iter().position(|k| *k == r.kind));
-    Ok(ScenarioResult {
-        name: scenario.name.clone(),
-        about: scenario.about.clone(),
-        load: scenario.load.clone(),
-        rate,
-        rate_source,
-        setups: results,
-    })
+    drop(node);
+    let clean_name = result_name(scenario, Link::Clean);
+    Ok(links
+        .iter()
+        .zip(results)
+        .map(|(&link, mut setups)| {
+            // Keep the table's column order the same in every scenario.
+            setups.sort_by_key(|r| SetupKind::ALL.iter().position(|k| *k == r.kind));
+            ScenarioResult {
+                name: result_name(scenario, link),
+                about: match link {
+                    Link::Clean => format!("{} — the clean-link counterpart", scenario.about),
+                    _ => scenario.about.clone(),
+                },
+                load: scenario.load.clone(),
+                rate,
+                rate_source: rate_source.clone(),
+                link,
+                clean_counterpart: matches!(link, Link::Lossy { .. }).then(|| clean_name.clone()),
+                load_at_start: load_at_start.clone(),
+                setups,
+            }
+        })
+        .collect())
+}
+
+/// Adds one measured run to a setup's result (or marks the setup failed).
+fn record(
+    result: &mut SetupResult,
+    outcome: anyhow::Result<(load::Outcome, CpuWindow)>,
+    scenario: &Scenario,
+    name: &str,
+) {
+    match outcome {
+        Ok((outcome, window)) => {
+            for ns in &outcome.latencies_ns {
+                result.histogram.saturating_record(*ns);
+            }
+            result.calls += outcome.calls;
+            result.errors += outcome.errors;
+            if result.first_error.is_none() {
+                result.first_error = outcome.first_error;
+            }
+            result.measured += outcome.measured;
+            if let Load::Stream { .. } = scenario.load {
+                result.stream_times.push(outcome.measured);
+            }
+            result.start_lag.extend(outcome.mean_start_lag);
+            let sides = result.sides.len();
+            for (side, cpu) in result.sides.iter_mut().zip(&window.delta) {
+                side.cpu_seconds += cpu;
+            }
+            if window.delta.len() == sides + 2 {
+                result.echo_cpu += window.delta[sides];
+                result.loadgen_cpu += window.delta[sides + 1];
+            }
+            for (side, rss) in result.sides.iter_mut().zip(&window.rss_open) {
+                side.rss_streams_open = Some(side.rss_streams_open.unwrap_or(0).max(*rss));
+            }
+        }
+        Err(error) => {
+            eprintln!("{name}: {} failed: {error:#}", result.kind.name());
+            result.status = Status::Failed(format!("{error:#}"));
+        }
+    }
 }
 
 async fn run(args: Args, sidecar_binary: PathBuf, echo_binary: PathBuf) -> anyhow::Result<bool> {
@@ -540,6 +681,9 @@ async fn run(args: Args, sidecar_binary: PathBuf, echo_binary: PathBuf) -> anyho
         || args.rate.is_some_and(|r| !(r > 0.0 && r.is_finite()))
     {
         bail!("--rate and --rate-fraction must be positive numbers");
+    }
+    if args.loss_per_mille > 1000 {
+        bail!("--loss-per-mille is in thousandths: at most 1000");
     }
     let mut setups = Vec::new();
     for name in &args.setups {
@@ -593,6 +737,13 @@ async fn run(args: Args, sidecar_binary: PathBuf, echo_binary: PathBuf) -> anyho
         "load generator: this process (tonic; one HTTP/2 connection per {} concurrent calls); echo server: separate echo-server process",
         load::STREAMS_PER_CONNECTION
     );
+    if args.only.is_empty() && !args.quick {
+        if let Some(why) = lossy_unavailable() {
+            println!(
+                "NOTE: the lossy-link scenarios are left out ({why}; they need root, iproute2 and nftables)"
+            );
+        }
+    }
     for kind in &plan.setups {
         if context.missing(*kind).is_some() {
             println!(
@@ -621,13 +772,25 @@ async fn run(args: Args, sidecar_binary: PathBuf, echo_binary: PathBuf) -> anyho
     };
     let mut results: Vec<ScenarioResult> = Vec::new();
     for scenario in &scenarios {
-        let result = run_scenario(&bench, scenario, &results)
+        let produced = run_scenario(&bench, scenario, &results)
             .await
             .with_context(|| format!("scenario {}", scenario.name))?;
-        print!("{}", report::scenario_table(&result));
-        results.push(result);
+        for result in produced {
+            print!("{}", report::scenario_table(&result));
+            if let Some(clean) = result
+                .clean_counterpart
+                .as_deref()
+                .and_then(|name| results.iter().find(|r| r.name == name))
+            {
+                for line in report::kept_lines(&result, clean) {
+                    println!("   {line}");
+                }
+            }
+            results.push(result);
+        }
     }
     print!("{}", report::idle_rss_table(&results));
+    print!("{}", report::lossy_summary(&results));
     let targets = report::targets(&results);
     print!("{}", report::targets_text(&targets));
 
@@ -640,6 +803,8 @@ async fn run(args: Args, sidecar_binary: PathBuf, echo_binary: PathBuf) -> anyho
         "warmup_seconds": plan.warmup.as_secs_f64(),
         "sidecar_threads": args.sidecar_threads,
         "streams_per_connection": load::STREAMS_PER_CONNECTION,
+        "loss_per_mille": args.loss_per_mille,
+        "load_average_at_end": read_trimmed("/proc/loadavg"),
         "finished_unix_time": std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())

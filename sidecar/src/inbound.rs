@@ -841,37 +841,27 @@ fn no_headers_yet() -> h2::Error {
 impl H3Send for H2Responder {
     type Error = h2::Error;
 
-    fn send_data(
-        &mut self,
-        data: Bytes,
-    ) -> impl std::future::Future<Output = Result<(), h2::Error>> + Send {
-        async move {
-            match &mut self.body {
-                Some(body) => body.send_data(data).await,
-                None => Err(no_headers_yet()),
-            }
+    async fn send_data(&mut self, data: Bytes) -> Result<(), h2::Error> {
+        match &mut self.body {
+            Some(body) => body.send_data(data).await,
+            None => Err(no_headers_yet()),
         }
     }
 
-    fn send_trailers(
-        &mut self,
-        trailers: http::HeaderMap,
-    ) -> impl std::future::Future<Output = Result<(), h2::Error>> + Send {
-        async move {
-            match &mut self.body {
-                Some(body) => body.send_trailers(trailers).await,
-                None => Err(no_headers_yet()),
-            }
+    async fn send_trailers(&mut self, trailers: http::HeaderMap) -> Result<(), h2::Error> {
+        match &mut self.body {
+            Some(body) => body.send_trailers(trailers).await,
+            None => Err(no_headers_yet()),
         }
     }
 
-    fn finish(&mut self) -> impl std::future::Future<Output = Result<(), h2::Error>> + Send {
-        async move {
-            match &mut self.body {
-                _ if self.ended => Ok(()),
-                Some(body) => body.finish().await,
-                None => Err(no_headers_yet()),
-            }
+    async fn finish(&mut self) -> Result<(), h2::Error> {
+        if self.ended {
+            return Ok(());
+        }
+        match &mut self.body {
+            Some(body) => body.finish().await,
+            None => Err(no_headers_yet()),
         }
     }
 

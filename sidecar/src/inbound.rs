@@ -1225,6 +1225,64 @@ mod tests {
         assert!(guard.admit(peer).is_some());
     }
 
+    /// A real h2 client and server over an in-memory pipe: the server's end of each request
+    /// the client sends, as the HTTP/2 fallback's inbound receives it.
+    async fn h2_pair() -> (
+        h2::client::SendRequest<Bytes>,
+        h2::server::Connection<tokio::io::DuplexStream, Bytes>,
+    ) {
+        let (client_io, server_io) = tokio::io::duplex(1 << 16);
+        let server = tokio::spawn(h2::server::handshake(server_io));
+        let (sender, connection) = h2::client::handshake(client_io).await.unwrap();
+        tokio::spawn(connection);
+        (sender, server.await.unwrap().unwrap())
+    }
+
+    #[tokio::test]
+    async fn a_call_refused_on_the_http2_fallback_reaches_the_caller_as_refused_stream() {
+        let (sender, mut server) = h2_pair().await;
+        let request = Request::post("https://peer/echo.Echo/Unary")
+            .body(())
+            .unwrap();
+        let (response, _body) = sender
+            .ready()
+            .await
+            .unwrap()
+            .send_request(request, true)
+            .unwrap();
+        let (_, respond) = server.accept().await.unwrap().unwrap();
+        H2Responder::new(respond).reset(H3Code::H3_REQUEST_REJECTED);
+        tokio::spawn(async move { while server.accept().await.is_some() {} });
+        let error = response.await.unwrap_err();
+        assert!(error.is_remote(), "{error:?}");
+        // What the caller's sidecar retries elsewhere, the call not having been processed.
+        assert_eq!(error.reason(), Some(h2::Reason::REFUSED_STREAM));
+    }
+
+    #[tokio::test]
+    async fn a_status_on_the_http2_fallback_is_one_trailers_only_headers_frame() {
+        let (sender, mut server) = h2_pair().await;
+        let request = Request::post("https://peer/echo.Echo/Unary")
+            .body(())
+            .unwrap();
+        let (response, _body) = sender
+            .ready()
+            .await
+            .unwrap()
+            .send_request(request, true)
+            .unwrap();
+        let (_, respond) = server.accept().await.unwrap().unwrap();
+        let mut send = H2Responder::new(respond);
+        send_status(&mut send, Code::PermissionDenied, "not on the list").await;
+        tokio::spawn(async move { while server.accept().await.is_some() {} });
+        let response = response.await.unwrap();
+        assert_eq!(response.headers()["grpc-status"], "7");
+        assert!(
+            response.body().is_end_stream(),
+            "nothing follows the headers"
+        );
+    }
+
     #[test]
     fn a_refusal_the_app_did_not_send_promises_nothing() {
         let local = h2::Error::from(h2::Reason::REFUSED_STREAM);

@@ -167,6 +167,48 @@ fn signal(pid: u32, signal: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// UDP to and from one loopback address dropped by an nftables table of the demo's own (needs
+/// root and `nft`), as a NetworkPolicy without UDP would; the table goes when this is dropped.
+struct UdpBlock {
+    table: String,
+}
+
+impl UdpBlock {
+    fn to(ip: std::net::Ipv4Addr) -> anyhow::Result<UdpBlock> {
+        let table = format!("locality_demo_{}", std::process::id());
+        let rules = format!(
+            "table ip {table} {{\n\
+             chain out {{ type filter hook output priority 0; ip daddr {ip} meta l4proto udp drop; }}\n\
+             chain in {{ type filter hook input priority 0; ip saddr {ip} meta l4proto udp drop; }}\n\
+             }}\n"
+        );
+        let mut nft = std::process::Command::new("nft")
+            .args(["-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()?;
+        if let Some(mut stdin) = nft.stdin.take() {
+            use std::io::Write as _;
+            stdin.write_all(rules.as_bytes())?;
+        }
+        let output = nft.wait_with_output()?;
+        anyhow::ensure!(
+            output.status.success(),
+            "nft: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+        Ok(UdpBlock { table })
+    }
+}
+
+impl Drop for UdpBlock {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("nft")
+            .args(["delete", "table", "ip", &self.table])
+            .status();
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     println!("locality-sidecar demo: a cluster on this machine");
@@ -336,6 +378,54 @@ async fn main() -> anyhow::Result<()> {
     );
     print_load(&cluster, "echo-a1 recovered", &steady(2).await);
 
+    println!("\n10. UDP to node-a blocked (an nftables rule, as a NetworkPolicy without UDP would): QUIC");
+    println!("    to echo-a1 goes silent, its calls move over HTTP/2 on TCP (same port, same mutual TLS);");
+    println!("    UDP passes again: calls return to QUIC");
+    match UdpBlock::to(cluster.pod("echo-a1").ip) {
+        Err(error) => println!("  skipped: blocking UDP needs root and nftables ({error:#})"),
+        Ok(block) => {
+            let blocked = Instant::now();
+            while blocked.elapsed() < Duration::from_secs(30) {
+                let metrics = cluster.metrics().await;
+                if counter(
+                    &metrics,
+                    "locality_sidecar_peer_connections",
+                    "protocol=\"h2\"",
+                ) >= 1.0
+                {
+                    break;
+                }
+                answers_by_pod(&client, 4, 2).await;
+            }
+            println!(
+                "  an HTTP/2 connection to echo-a1 {:.1} s after the block (the silent QUIC connection was",
+                blocked.elapsed().as_secs_f64()
+            );
+            println!("  declared dead and echo-a1 ejected for a moment; then the race found TCP)");
+            wait_until_nothing_ejected(&cluster).await;
+            round(&cluster, &client, "round 1").await?;
+            drop(block);
+            let unblocked = Instant::now();
+            while unblocked.elapsed() < Duration::from_secs(30) {
+                let metrics = cluster.metrics().await;
+                if counter(
+                    &metrics,
+                    "locality_sidecar_peer_connections",
+                    "protocol=\"h2\"",
+                ) == 0.0
+                {
+                    break;
+                }
+                answers_by_pod(&client, 4, 2).await;
+            }
+            println!(
+                "  back on QUIC {:.1} s after UDP passed again",
+                unblocked.elapsed().as_secs_f64()
+            );
+            round(&cluster, &client, "round 1").await?;
+        }
+    }
+
     let metrics = cluster.metrics().await;
     println!("\nthe client sidecar's counters (GET /metrics on its admin port):");
     for (label, name, filter) in [
@@ -379,6 +469,11 @@ async fn main() -> anyhow::Result<()> {
         (
             "connections declared dead (frozen)",
             "locality_sidecar_quic_dead_connections_total",
+            "",
+        ),
+        (
+            "HTTP/2 fallbacks (UDP blocked)",
+            "locality_sidecar_h2_fallbacks_total",
             "",
         ),
     ] {

@@ -4,8 +4,8 @@
 //! client, against a real server-role sidecar process. Checked as a user would notice it: the
 //! echo comes back byte for byte with grpc-status 0, the app sees the verified identity (never a
 //! forged copy), an identity outside `inbound.allow` gets PERMISSION_DENIED, a certificate from
-//! another CA is refused at the handshake (the sidecar's log says so), and `/metrics` counts the
-//! open HTTP/2 connection.
+//! another CA is refused at the handshake (the sidecar's log says so), `/metrics` counts the
+//! open HTTP/2 connection, and an idle one does not hold up the sidecar's shutdown.
 
 mod security_common;
 
@@ -183,7 +183,7 @@ async fn a_peer_over_tcp_gets_its_exact_bytes_back_and_is_counted_as_an_http2_co
     let listen = free_udp_addr();
     let admin = free_tcp_addr();
     let config = server_sidecar_config(listen, echo.addr(), &server_tls, admin);
-    let _server = Sidecar::start("server", dir.path(), &config, admin).await;
+    let mut server = Sidecar::start("server", dir.path(), &config, admin).await;
 
     let sender = within(
         LIMIT,
@@ -217,6 +217,27 @@ async fn a_peer_over_tcp_gets_its_exact_bytes_back_and_is_counted_as_an_http2_co
     drop(sender);
     // Closed by the peer: no longer counted.
     wait_h2_connections(admin, 0.0).await;
+
+    // Shutting down with an idle fallback connection open: the sidecar's GOAWAY ends it at
+    // once, so the process exits well within its 10 s drain instead of waiting it out.
+    let sender = within(
+        LIMIT,
+        "connect again",
+        connect(listen, &server_tls.ca, &peer_tls),
+    )
+    .await
+    .expect("TLS + HTTP/2 to the inbound's TCP port");
+    let answer = within(
+        LIMIT,
+        "second call",
+        call(&sender, "/echo.Echo/Unary", &HeaderMap::new(), &request),
+    )
+    .await
+    .expect("the call is answered");
+    assert_eq!(answer.grpc_status(), Some("0"), "{answer:?}");
+    server.terminate();
+    let status = server.wait_exit(Duration::from_secs(5)).await;
+    assert!(status.success(), "clean exit: {status}");
 }
 
 /// A local app that records every request's headers and echoes the request body back with

@@ -264,6 +264,19 @@ fn peer_connections(metrics: &str, direction: &str, protocol: &str) -> f64 {
     )
 }
 
+/// How the client sidecar reaches its one endpoint, as `/endpoints` reports it.
+async fn endpoint_connection(sidecar: &Sidecar) -> String {
+    let (status, body) = http_get(sidecar.admin_addr(), "/endpoints")
+        .await
+        .expect("GET /endpoints");
+    assert_eq!(status, 200, "{body}");
+    let view: serde_json::Value = serde_json::from_str(&body).expect("/endpoints is JSON");
+    view["upstreams"][0]["endpoints"][0]["connection"]
+        .as_str()
+        .unwrap_or("none")
+        .to_string()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn blocked_udp_sends_calls_over_http2_and_quic_returns_when_it_passes_again() {
     let node = node_or_fail();
@@ -304,6 +317,11 @@ async fn blocked_udp_sends_calls_over_http2_and_quic_returns_when_it_passes_agai
     );
     assert_eq!(peer_connections(&client_metrics, "outbound", "h3"), 0.0);
     assert!(metric_sum(&client_metrics, "locality_sidecar_h2_fallbacks_total", &[]) >= 1.0);
+    assert_eq!(
+        endpoint_connection(&client_sidecar).await,
+        "h2",
+        "/endpoints says how the pod is reached"
+    );
     let server_metrics = metrics_of(&remote.sidecar).await;
     assert_eq!(
         peer_connections(&server_metrics, "inbound", "h2"),
@@ -349,6 +367,7 @@ async fn blocked_udp_sends_calls_over_http2_and_quic_returns_when_it_passes_agai
         back_on_quic < Duration::from_secs(10),
         "QUIC returns within 10 s: took {back_on_quic:?}"
     );
+    assert_eq!(endpoint_connection(&client_sidecar).await, "h3");
     let server_metrics = metrics_of(&remote.sidecar).await;
     assert_eq!(
         peer_connections(&server_metrics, "inbound", "h3"),

@@ -25,6 +25,8 @@ pub struct AdminState {
     pub upstreams: Vec<(Arc<str>, RankingWatch)>,
     /// The live policy in force, for the status page's config version.
     pub policy: crate::config::live::PolicyWatch,
+    /// The outbound connections, for how each endpoint is reached (`connection`).
+    pub pool: Option<Arc<crate::wire::quic::ConnectionPool>>,
 }
 
 impl AdminState {
@@ -203,6 +205,7 @@ fn endpoints_view(state: &AdminState) -> serde_json::Value {
                         "latencyMs": ranked.load.latency().map(|l| l.as_secs_f64() * 1000.0),
                         "candidate": spill.tiers.iter().any(|t| t.tier == ranked.tier && t.candidate),
                         "ejected": ranked.load.is_ejected(),
+                        "connection": state.pool.as_ref().and_then(|pool| pool.connection_state(endpoint.address)),
                     })
                 })
                 .collect();

@@ -607,6 +607,7 @@ fn serve(
             .map(|upstream| (upstream.name.clone(), upstream.ranking.clone()))
             .collect(),
         policy: built.policy.subscribe(),
+        pool: built.pool.clone(),
     });
     let task = crate::admin::serve(sockets.admin, admin.clone());
     background.push(("admin listener", tokio::spawn(task)));

@@ -571,6 +571,36 @@ impl ConnectionPool {
         })
     }
 
+    /// How calls reach `address` now, for `/endpoints`: `h3` (QUIC), `h2` (the HTTP/2 fallback),
+    /// `connecting`, `failed` (a connect failed a moment ago) or `None` (no connection yet).
+    pub fn connection_state(&self, address: SocketAddr) -> Option<&'static str> {
+        let slots = self
+            .slots
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        // A peer is usually dialled under one server name; with several, the live one counts.
+        let mut found = None;
+        for ((slot_address, _), slot) in slots.iter() {
+            if *slot_address != address {
+                continue;
+            }
+            let state = match &*slot.state() {
+                SlotState::Live(live) if live.transport.is_open() => match live.transport {
+                    LiveTransport::Quic(_) => "h3",
+                    LiveTransport::H2(_) => "h2",
+                },
+                SlotState::Connecting(_) => "connecting",
+                SlotState::Failed { .. } => "failed",
+                _ => continue,
+            };
+            if matches!(state, "h3" | "h2") {
+                return Some(state);
+            }
+            found = Some(state);
+        }
+        found
+    }
+
     /// Closes every connection (shutdown): peers see a clean close instead of an idle timeout.
     pub fn close_all(&self) {
         for endpoint in [self.v4.get(), self.v6.get()].into_iter().flatten() {

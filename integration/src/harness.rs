@@ -441,6 +441,17 @@ impl Sidecar {
         self.child.id()
     }
 
+    /// Sends the process a signal by name (`STOP` freezes it as a hung node would, `CONT`
+    /// thaws it).
+    pub fn signal(&self, name: &str) {
+        let status = std::process::Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.pid().to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{name} {}", self.pid());
+    }
+
     /// Whether the process is still running (false once it exited, e.g. after a panic).
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))

@@ -117,15 +117,6 @@ fn answered_by(outcome: &Outcome, pod: &str) -> bool {
     matches!(&outcome.1, Ok(server) if server == pod)
 }
 
-fn signal(sidecar: &Sidecar, name: &str) {
-    let status = std::process::Command::new("kill")
-        .arg(format!("-{name}"))
-        .arg(sidecar.pid().to_string())
-        .status()
-        .expect("run kill");
-    assert!(status.success(), "kill -{name} {}", sidecar.pid());
-}
-
 /// The failures among calls that finished after `since`, with the total.
 fn failures_since(outcomes: &[Outcome], since: Instant) -> (Vec<String>, usize) {
     let after: Vec<&Outcome> = outcomes.iter().filter(|o| o.0 >= since).collect();
@@ -155,7 +146,7 @@ async fn freeze_same_node_pod(
     callers.wait_for_same_node_answers().await;
     let frozen = &cluster.pod(SAME_NODE_POD).sidecar;
     let freeze = Instant::now();
-    signal(frozen, "STOP");
+    frozen.signal("STOP");
     // Long enough to see the whole move and then steady calls elsewhere: 300 calls and 3 s.
     callers
         .wait_for(
@@ -168,7 +159,7 @@ async fn freeze_same_node_pod(
         )
         .await;
     let outcomes = callers.finish().await;
-    signal(frozen, "CONT");
+    frozen.signal("CONT");
     (outcomes, freeze)
 }
 

@@ -151,15 +151,24 @@ async fn calls_ride_out_one_percent_loss_each_way() {
     drop(remote);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_partitioned_node_loses_its_calls_to_other_nodes_within_a_second() {
-    let node = node_or_fail();
+/// Two pods of one Service: the client's same-node pod across the link (in the namespace) and
+/// another on another node, on loopback, always reachable; the client sidecar on node-a retries
+/// UNAVAILABLE under `retry_policy`.
+struct TwoNodes {
+    // Dropped in this order: the client first, so no call is in flight when the pods go.
+    client_sidecar: Sidecar,
+    client: integration::pb::echo_client::EchoClient<tonic::transport::Channel>,
+    _far: Sidecar,
+    _far_app: integration::echo_server::EchoServerHandle,
+    near: RemotePod,
+    _dir: tempfile::TempDir,
+}
+
+async fn two_nodes(node: &NetNode, retry_policy: serde_json::Value) -> TwoNodes {
     let dir = tempfile::tempdir().expect("tempdir");
     let certs = generate_certs(&dir.path().join("certs"), &[]);
-    // The same-node pod sits across the link; another pod on another node stays reachable.
-    let near = start_remote_pod(&node, dir.path(), &certs.tls(), "echo-near").await;
-    let far_app_addr = free_tcp_addr();
-    let far_app = integration::echo_server::spawn_echo_server(far_app_addr, "echo-far")
+    let near = start_remote_pod(node, dir.path(), &certs.tls(), "echo-near").await;
+    let far_app = integration::echo_server::spawn_echo_server(free_tcp_addr(), "echo-far")
         .await
         .expect("far app");
     let (far_quic, far_admin) = (
@@ -173,7 +182,6 @@ async fn a_partitioned_node_loses_its_calls_to_other_nodes_within_a_second() {
         far_admin,
     )
     .await;
-
     let (listen, admin) = (free_tcp_addr(), free_tcp_addr());
     let config = client_sidecar_config(
         listen,
@@ -185,16 +193,11 @@ async fn a_partitioned_node_loses_its_calls_to_other_nodes_within_a_second() {
         &certs.tls(),
         admin,
     );
-    // The gray-failure contract: with a per-attempt timeout no call fails.
     let mut config: serde_json::Value = serde_yaml_ng::from_str(&config).expect("yaml");
     config["serviceConfig"] = serde_json::json!({"methodConfig": [{
         "name": [{}],
         "timeout": "10s",
-        "retryPolicy": {
-            "maxAttempts": 3, "initialBackoff": "0.01s", "maxBackoff": "0.1s",
-            "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"],
-            "perAttemptRecvTimeout": "0.3s"
-        }
+        "retryPolicy": retry_policy,
     }]});
     let config = serde_yaml_ng::to_string(&config).expect("yaml");
     let client_sidecar = Sidecar::start_with(
@@ -207,11 +210,34 @@ async fn a_partitioned_node_loses_its_calls_to_other_nodes_within_a_second() {
     )
     .await;
     let client = echo_client(listen).await;
+    TwoNodes {
+        client_sidecar,
+        client,
+        _far: far,
+        _far_app: far_app,
+        near,
+        _dir: dir,
+    }
+}
 
-    let before = closed_loop(&client, 1, 50, 0).await;
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_node_loses_its_calls_to_other_nodes_within_a_second() {
+    let node = node_or_fail();
+    // The gray-failure contract: with a per-attempt timeout no call fails.
+    let pods = two_nodes(
+        &node,
+        serde_json::json!({
+            "maxAttempts": 3, "initialBackoff": "0.01s", "maxBackoff": "0.1s",
+            "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"],
+            "perAttemptRecvTimeout": "0.3s"
+        }),
+    )
+    .await;
+
+    let before = closed_loop(&pods.client, 1, 50, 0).await;
     assert_eq!(before.share_of("echo-near"), 1.0, "same node first");
 
-    let load = Load::start(&client, 4);
+    let load = Load::start(&pods.client, 4);
     load.wait_completed(100, Duration::from_secs(20)).await;
     node.set_fault(Fault::Partition)
         .expect("partition the node");
@@ -232,16 +258,14 @@ async fn a_partitioned_node_loses_its_calls_to_other_nodes_within_a_second() {
         "with a per-attempt timeout no call fails: {:?}",
         failures.first()
     );
-    let after = closed_loop(&client, 1, 50, 0).await;
+    let after = closed_loop(&pods.client, 1, 50, 0).await;
     assert_eq!(
         after.share_of("echo-far"),
         1.0,
         "calls stay off the partitioned node"
     );
     assert!(after.failures.is_empty());
-    drop(client_sidecar);
-    drop(far);
-    drop(near);
+    drop(pods);
 }
 
 /// A sidecar's `/metrics` text (empty when the admin port does not answer in time).
@@ -378,75 +402,26 @@ async fn blocked_udp_sends_calls_over_http2_and_quic_returns_when_it_passes_agai
     drop(remote);
 }
 
-fn signal(sidecar: &Sidecar, name: &str) {
-    let status = std::process::Command::new("kill")
-        .arg(format!("-{name}"))
-        .arg(sidecar.pid().to_string())
-        .status()
-        .expect("run kill");
-    assert!(status.success(), "kill -{name} {}", sidecar.pid());
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_frozen_while_reached_over_http2_loses_its_calls_to_other_nodes() {
     let node = node_or_fail();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let certs = generate_certs(&dir.path().join("certs"), &[]);
-    // The same-node pod sits across a link without UDP, so it is reached over HTTP/2.
-    let near = start_remote_pod(&node, dir.path(), &certs.tls(), "echo-near").await;
-    node.set_fault(Fault::UdpBlocked).expect("block UDP");
-    let far_app_addr = free_tcp_addr();
-    let far_app = integration::echo_server::spawn_echo_server(far_app_addr, "echo-far")
-        .await
-        .expect("far app");
-    let (far_quic, far_admin) = (
-        SocketAddr::from((integration::harness::next_loopback_ip(), 15443)),
-        free_tcp_addr(),
-    );
-    let far = Sidecar::start(
-        "far",
-        dir.path(),
-        &server_sidecar_config(far_quic, far_app.addr(), &certs.tls(), far_admin),
-        far_admin,
-    )
-    .await;
-    let (listen, admin) = (free_tcp_addr(), free_tcp_addr());
-    let config = client_sidecar_config(
-        listen,
-        "echo",
-        &[
-            StaticEndpoint::new(near.quic, "node-a", "z1").with_pod("echo-near"),
-            StaticEndpoint::new(far_quic, "node-b", "z1").with_pod("echo-far"),
-        ],
-        &certs.tls(),
-        admin,
-    );
     // Retries, but no per-attempt timeout: only the connection's watchdog can free the calls
     // waiting on the frozen peer before their 10 s deadline.
-    let mut config: serde_json::Value = serde_yaml_ng::from_str(&config).expect("yaml");
-    config["serviceConfig"] = serde_json::json!({"methodConfig": [{
-        "name": [{}],
-        "timeout": "10s",
-        "retryPolicy": {
+    let pods = two_nodes(
+        &node,
+        serde_json::json!({
             "maxAttempts": 3, "initialBackoff": "0.01s", "maxBackoff": "0.1s",
             "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]
-        }
-    }]});
-    let config = serde_yaml_ng::to_string(&config).expect("yaml");
-    let client_sidecar = Sidecar::start_with(
-        "client",
-        dir.path(),
-        &config,
-        admin,
-        &[],
-        &[("NODE_NAME".to_string(), "node-a".to_string())],
+        }),
     )
     .await;
-    let client = echo_client(listen).await;
+    // The same-node pod sits across a link without UDP, so it is reached over HTTP/2.
+    node.set_fault(Fault::UdpBlocked).expect("block UDP");
+    let (client, client_sidecar, near) = (&pods.client, &pods.client_sidecar, &pods.near);
 
     // The first call may go to the far pod while the near one's HTTP/2 connection is set up
     // (the race gives QUIC a head start, and a call with somewhere else to go does not wait).
-    let warm_up = closed_loop(&client, 1, 5, 0).await;
+    let warm_up = closed_loop(client, 1, 5, 0).await;
     assert!(
         warm_up.failures.is_empty(),
         "{:?}",
@@ -456,7 +431,7 @@ async fn a_peer_frozen_while_reached_over_http2_loses_its_calls_to_other_nodes()
         Duration::from_secs(20),
         "the HTTP/2 connection to the near pod",
         async {
-            while peer_connections(&metrics_of(&client_sidecar).await, "outbound", "h2") < 1.0 {
+            while peer_connections(&metrics_of(client_sidecar).await, "outbound", "h2") < 1.0 {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         },
@@ -465,26 +440,26 @@ async fn a_peer_frozen_while_reached_over_http2_loses_its_calls_to_other_nodes()
     let before = within(
         Duration::from_secs(30),
         "50 calls to the same-node pod over HTTP/2",
-        closed_loop(&client, 1, 50, 0),
+        closed_loop(client, 1, 50, 0),
     )
     .await;
     assert!(before.failures.is_empty(), "{:?}", before.failures.first());
     assert_eq!(before.share_of("echo-near"), 1.0, "same node first");
     assert_eq!(
-        peer_connections(&metrics_of(&client_sidecar).await, "outbound", "h2"),
+        peer_connections(&metrics_of(client_sidecar).await, "outbound", "h2"),
         1.0
     );
 
-    let load = Load::start(&client, 4);
+    let load = Load::start(client, 4);
     load.wait_completed(100, Duration::from_secs(20)).await;
-    signal(&near.sidecar, "STOP");
+    near.sidecar.signal("STOP");
     let frozen = Instant::now();
     let at_freeze = load.completed();
     load.wait_completed(at_freeze + 300, Duration::from_secs(30))
         .await;
     let moved_after = frozen.elapsed();
     let (by_pod, failures) = load.finish(Duration::from_secs(30)).await;
-    signal(&near.sidecar, "CONT");
+    near.sidecar.signal("CONT");
     eprintln!(
         "frozen over HTTP/2: 300 calls completed {:.0} ms after the freeze; answers {by_pod:?}; {} failed",
         moved_after.as_secs_f64() * 1000.0,
@@ -495,7 +470,7 @@ async fn a_peer_frozen_while_reached_over_http2_loses_its_calls_to_other_nodes()
         "the calls on the frozen peer are retried elsewhere: {:?}",
         failures.first()
     );
-    let metrics = metrics_of(&client_sidecar).await;
+    let metrics = metrics_of(client_sidecar).await;
     assert!(
         metric_sum(
             &metrics,
@@ -504,7 +479,5 @@ async fn a_peer_frozen_while_reached_over_http2_loses_its_calls_to_other_nodes()
         ) >= 1.0,
         "the watchdog declared the HTTP/2 connection dead"
     );
-    drop(client_sidecar);
-    drop(far);
-    drop(near);
+    drop(pods);
 }

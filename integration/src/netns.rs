@@ -138,7 +138,7 @@ impl NetNode {
     /// never on its loopback (where its sidecar talks to its app).
     pub fn set_fault(&self, fault: Fault) -> Result<(), NetError> {
         // Deleting a table that does not exist fails; that is the clean state, so ignore it.
-        let _ = self.inside("nft", &["delete", "table", "inet", "chaos"]);
+        let _ = self.inside("nft", &["delete", "table", "netdev", "chaos"]);
         let verdict = match fault {
             Fault::Clean => return Ok(()),
             Fault::RandomLoss { per_mille } => {
@@ -148,10 +148,13 @@ impl NetNode {
             Fault::UdpBlocked => "meta l4proto udp drop".to_string(),
         };
         let veth = &self.veth_inside;
+        // On the device itself (netdev ingress and egress), below the sockets: a dropped packet
+        // vanishes as on a real link. An output-hook drop would instead fail the sender's
+        // sendmsg with EPERM, telling it of every loss.
         let ruleset = format!(
-            "table inet chaos {{\n\
-             chain incoming {{ type filter hook input priority 0; iifname \"{veth}\" {verdict}; }}\n\
-             chain outgoing {{ type filter hook output priority 0; oifname \"{veth}\" {verdict}; }}\n\
+            "table netdev chaos {{\n\
+             chain incoming {{ type filter hook ingress device \"{veth}\" priority 0; {verdict}; }}\n\
+             chain outgoing {{ type filter hook egress device \"{veth}\" priority 0; {verdict}; }}\n\
              }}\n"
         );
         let file = std::env::temp_dir().join(format!("{}-chaos.nft", self.name));

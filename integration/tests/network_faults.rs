@@ -88,12 +88,20 @@ fn node_or_fail() -> NetNode {
     })
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn calls_ride_out_one_percent_loss_each_way() {
-    let node = node_or_fail();
+/// One pod across the link, the client sidecar's only endpoint: no other endpoint can hide a
+/// failure.
+struct OneRemotePod {
+    // Dropped in this order: the client first, so no call is in flight when the pod goes.
+    client_sidecar: Sidecar,
+    client: integration::pb::echo_client::EchoClient<tonic::transport::Channel>,
+    remote: RemotePod,
+    _dir: tempfile::TempDir,
+}
+
+async fn one_remote_pod(node: &NetNode) -> OneRemotePod {
     let dir = tempfile::tempdir().expect("tempdir");
     let certs = generate_certs(&dir.path().join("certs"), &[]);
-    let remote = start_remote_pod(&node, dir.path(), &certs.tls(), "echo-remote").await;
+    let remote = start_remote_pod(node, dir.path(), &certs.tls(), "echo-remote").await;
     let (listen, admin) = (free_tcp_addr(), free_tcp_addr());
     let config = client_sidecar_config(
         listen,
@@ -104,6 +112,23 @@ async fn calls_ride_out_one_percent_loss_each_way() {
     );
     let client_sidecar = Sidecar::start("client", dir.path(), &config, admin).await;
     let client = echo_client(listen).await;
+    OneRemotePod {
+        client_sidecar,
+        client,
+        remote,
+        _dir: dir,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_ride_out_one_percent_loss_each_way() {
+    let node = node_or_fail();
+    let OneRemotePod {
+        client_sidecar,
+        client,
+        remote,
+        _dir,
+    } = one_remote_pod(&node).await;
 
     let clean = closed_loop(&client, 1, 200, 0).await;
     assert!(clean.failures.is_empty(), "{:?}", clean.failures.first());
@@ -304,20 +329,12 @@ async fn endpoint_connection(sidecar: &Sidecar) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn blocked_udp_sends_calls_over_http2_and_quic_returns_when_it_passes_again() {
     let node = node_or_fail();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let certs = generate_certs(&dir.path().join("certs"), &[]);
-    let remote = start_remote_pod(&node, dir.path(), &certs.tls(), "echo-remote").await;
-    let (listen, admin) = (free_tcp_addr(), free_tcp_addr());
-    // The remote pod is the only one: no other endpoint can hide a failure.
-    let config = client_sidecar_config(
-        listen,
-        "echo",
-        &[StaticEndpoint::new(remote.quic, "node-b", "z1").with_pod("echo-remote")],
-        &certs.tls(),
-        admin,
-    );
-    let client_sidecar = Sidecar::start("client", dir.path(), &config, admin).await;
-    let client = echo_client(listen).await;
+    let OneRemotePod {
+        client_sidecar,
+        client,
+        remote,
+        _dir,
+    } = one_remote_pod(&node).await;
 
     node.set_fault(Fault::UdpBlocked).expect("block UDP");
     let blocked = within(

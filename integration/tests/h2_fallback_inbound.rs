@@ -400,3 +400,70 @@ async fn identities_on_the_http2_fallback_are_verified_and_authorized_as_on_quic
     }
     assert_eq!(seen().len(), 1, "the foreign caller never reached the app");
 }
+
+/// A peer that cancels a call over the fallback after sending its request whole (RST_STREAM
+/// while the app works on it) has the app's call cancelled at once, not at a deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_cancelling_over_http2_cancels_the_app_call_at_once() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let ca_dir = dir.path().join("server-certs");
+    let server_tls = sidecar_certs(&ca_dir, None, Some(&id("echo")));
+    let peer_tls = sidecar_certs(
+        &dir.path().join("frontend"),
+        Some(&ca_dir),
+        Some(&id("frontend")),
+    );
+    let echo = spawn_echo_server(SocketAddr::from((next_loopback_ip(), 0)), "echo-pod")
+        .await
+        .expect("start the echo server");
+    let listen = free_udp_addr();
+    let admin = free_tcp_addr();
+    let config = server_sidecar_config(listen, echo.addr(), &server_tls, admin);
+    let _server = Sidecar::start("server", dir.path(), &config, admin).await;
+    let sender = within(
+        LIMIT,
+        "connect over TCP",
+        connect(listen, &server_tls.ca, &peer_tls),
+    )
+    .await
+    .expect("TLS + HTTP/2 to the inbound's TCP port");
+    let mut ready = within(LIMIT, "connection ready", sender.ready())
+        .await
+        .expect("connection ready");
+    let head = http::Request::post(format!("https://{SERVER_NAME}/echo.Echo/Unary"))
+        .header(http::header::CONTENT_TYPE, "application/grpc")
+        .header(http::header::TE, "trailers")
+        .body(())
+        .expect("request head");
+    let (_response, mut send) = ready.send_request(head, false).expect("send request");
+    // A minute of service time, sent whole: only the peer's reset can end it early.
+    let slow = EchoRequest {
+        delay_ms: 60_000,
+        ..EchoRequest::default()
+    };
+    send.send_data(grpc_frame(&slow), true).expect("send body");
+    let state = echo.state();
+    assert!(
+        state.wait_for_calls_started(1, LIMIT).await,
+        "the call never reached the app"
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        state.calls_cancelled(),
+        0,
+        "the call ended before the cancel"
+    );
+    let cancelled_at = std::time::Instant::now();
+    send.send_reset(h2::Reason::CANCEL);
+    assert!(
+        state
+            .wait_for_cancellations(1, Duration::from_secs(3))
+            .await,
+        "the app's call was not cancelled within 3 s of the peer's RST_STREAM"
+    );
+    let delay = state
+        .last_cancellation()
+        .expect("a cancellation was counted, so its time was kept")
+        .saturating_duration_since(cancelled_at);
+    println!("HTTP/2 fallback: the app saw the cancel {delay:?} after the peer's RST_STREAM");
+}

@@ -9,7 +9,9 @@
 //!
 //! A call the app never processed (it was refused, or fell above the last-stream-id of the
 //! app's GOAWAY while it restarts) is reset with H3_REQUEST_REJECTED, so the caller's sidecar
-//! retries it elsewhere without the caller noticing. On shutdown the listener refuses new
+//! retries it elsewhere without the caller noticing. A caller that cancels (it stops or resets
+//! the stream, on either transport) has the app's call cancelled at once, even when its request
+//! was already sent whole: see [`crate::wire::h3_quic`]. On shutdown the listener refuses new
 //! connections, sends HTTP/3 GOAWAY on the open ones and lets their calls finish, bounded.
 //!
 //! Authorization and hostile peers ([`Guard`]): a caller's identity is the SPIFFE ID its
@@ -23,6 +25,7 @@ use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -44,8 +47,9 @@ use crate::wire::grpc::strip_hop_by_hop;
 use crate::wire::grpc::{self, Code};
 use crate::wire::h2_peer::{peer_reason, H2PeerRecvBody, H2PeerSend};
 use crate::wire::h3_guard::{GuardedConnection, HeaderBudget};
+use crate::wire::h3_quic::{QuicSend, StopWatch, StopWatches};
 
-type PeerSend = h3::server::RequestStream<h3_quinn::SendStream<Bytes>, Bytes>;
+type PeerSend = h3::server::RequestStream<QuicSend<Bytes>, Bytes>;
 type AppSender = h2::client::SendRequest<Bytes>;
 
 /// HTTP/3's "no error" code (RFC 9114): a deliberate, clean close.
@@ -515,11 +519,16 @@ async fn serve_connection(
         u64::from(limits.max_header_bytes),
         u64::from(limits.max_pending_header_bytes),
     );
+    let stops = StopWatches::new();
     let mut h3_connection = match h3::server::builder()
         .send_grease(false)
         // Advertised in SETTINGS; enforced before buffering by the guarded connection.
         .max_field_section_size(u64::from(limits.max_header_bytes))
-        .build::<_, Bytes>(GuardedConnection::new(connection.clone(), budget))
+        .build::<_, Bytes>(GuardedConnection::new(
+            connection.clone(),
+            budget,
+            stops.clone(),
+        ))
         .await
     {
         Ok(h3_connection) => h3_connection,
@@ -568,12 +577,14 @@ async fn serve_connection(
         let open = calls.subscribe();
         let per_peer = per_peer.clone();
         let header_timeout = guard.limits.header_timeout;
+        let stops = stops.clone();
         // Boxed: the call's future is 5 KiB, which a task would copy on spawn and again at its
         // end (see `h2_settings::BoxingExecutor`).
         tokio::spawn(Box::pin(async move {
             // Dropped unresolved when the headers take too long: the stream is stopped.
             match tokio::time::timeout(header_timeout, resolver.resolve_request()).await {
                 Ok(Ok((request, stream))) => {
+                    let stopped = stops.take(stream.id());
                     let (mut send, recv) = stream.split();
                     let Some(_place) = guard.admit_call(&per_peer) else {
                         // Not processed: the caller's sidecar retries it on another pod.
@@ -582,6 +593,7 @@ async fn serve_connection(
                         return;
                     };
                     let body = H3RecvBody::new(recv);
+                    let send = H3Responder::new(send, stopped);
                     handle_call(request, send, body, &app, &guard, identity.as_deref()).await;
                 }
                 Ok(Err(error)) => tracing::debug!(%remote, %error, "peer request unreadable"),
@@ -802,14 +814,73 @@ trait PeerResponder: H3Send {
     ) -> impl std::future::Future<Output = Result<(), Self::Error>> + Send;
 }
 
-impl PeerResponder for PeerSend {
+/// A peer's call over HTTP/3: the answering half of its stream, and the watch that tells
+/// when the peer stops wanting the answer (h3 keeps the QUIC stream to itself).
+struct H3Responder {
+    stream: PeerSend,
+    stopped: Option<StopWatch>,
+    cancelled: bool,
+}
+
+impl H3Responder {
+    fn new(stream: PeerSend, stopped: Option<StopWatch>) -> H3Responder {
+        H3Responder {
+            stream,
+            stopped,
+            cancelled: false,
+        }
+    }
+}
+
+impl H3Send for H3Responder {
+    type Error = h3::error::StreamError;
+
+    fn send_data(
+        &mut self,
+        data: Bytes,
+    ) -> impl std::future::Future<Output = Result<(), Self::Error>> + Send {
+        H3Send::send_data(&mut self.stream, data)
+    }
+
+    fn send_trailers(
+        &mut self,
+        trailers: http::HeaderMap,
+    ) -> impl std::future::Future<Output = Result<(), Self::Error>> + Send {
+        H3Send::send_trailers(&mut self.stream, trailers)
+    }
+
+    fn finish(&mut self) -> impl std::future::Future<Output = Result<(), Self::Error>> + Send {
+        H3Send::finish(&mut self.stream)
+    }
+
+    fn reset(&mut self, code: H3Code) {
+        H3Send::reset(&mut self.stream, code)
+    }
+
+    fn poll_cancelled(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.cancelled {
+            return Poll::Ready(());
+        }
+        let Some(stopped) = &mut self.stopped else {
+            return Poll::Pending;
+        };
+        let stop = std::task::ready!(stopped.as_mut().poll(cx));
+        tracing::debug!(?stop, "peer cancelled its call");
+        // The watch is done; polling it again would be a bug.
+        self.stopped = None;
+        self.cancelled = true;
+        Poll::Ready(())
+    }
+}
+
+impl PeerResponder for H3Responder {
     fn send_response(
         &mut self,
         response: Response<()>,
         _end_of_stream: bool,
     ) -> impl std::future::Future<Output = Result<(), Self::Error>> + Send {
         // HTTP/3 ends a stream with a separate FIN, which the caller's `finish` sends.
-        h3::server::RequestStream::send_response(self, response)
+        self.stream.send_response(response)
     }
 }
 
@@ -870,6 +941,14 @@ impl H3Send for H2Responder {
         match &mut self.body {
             Some(body) => body.reset(code),
             None => self.respond.send_reset(peer_reason(code)),
+        }
+    }
+
+    fn poll_cancelled(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        match &mut self.body {
+            Some(body) => body.poll_cancelled(cx),
+            // A reset from the peer, or the connection's end.
+            None => self.respond.poll_reset(cx).map(drop),
         }
     }
 }
@@ -948,7 +1027,10 @@ async fn handle_call<S, B>(
     // sees a cancellation (RST_STREAM) when the deadline passes, even for a call whose client
     // side has already finished sending and so cannot be reset by the peer any more.
     let exchange = async {
-        let (response, mut app_send) = match app.open(app_request, false).await {
+        let Some(opened) = unless_cancelled(&mut send, app.open(app_request, false)).await else {
+            return;
+        };
+        let (response, mut app_send) = match opened {
             Ok(opened) => opened,
             Err(error) => {
                 reject(&mut send, app, error).await;
@@ -969,7 +1051,10 @@ async fn handle_call<S, B>(
             }
         })
         .await;
-        let response = match app.response(response).await {
+        let Some(response) = unless_cancelled(&mut send, app.response(response)).await else {
+            return;
+        };
+        let response = match response {
             Ok(response) => response,
             Err(error) => {
                 reject(&mut send, app, error).await;
@@ -1010,6 +1095,31 @@ async fn handle_call<S, B>(
             }
         }
     }
+}
+
+/// Awaits `work` unless the peer cancels the call first (`None`): the app's call is then
+/// dropped, which resets its stream at the app. Counted once per cancelled call.
+async fn unless_cancelled<S: H3Send, T>(
+    send: &mut S,
+    work: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    let mut work = std::pin::pin!(work);
+    let outcome = std::future::poll_fn(|cx| {
+        if let Poll::Ready(done) = work.as_mut().poll(cx) {
+            return Poll::Ready(Some(done));
+        }
+        send.poll_cancelled(cx).map(|()| None)
+    })
+    .await;
+    if outcome.is_none() {
+        metrics()
+            .inbound_calls
+            .get_or_create(&StatusLabels {
+                status: "CANCELLED",
+            })
+            .inc();
+    }
+    outcome
 }
 
 /// Puts the caller's verified identity in [`PEER_IDENTITY_HEADER`], replacing whatever the caller

@@ -26,9 +26,10 @@ use crate::wire::body::{start_pump, H3RecvBody, H3Send, PumpEnd, StreamFailure};
 use crate::wire::grpc::status_name;
 use crate::wire::grpc::{self, Code};
 use crate::wire::h2_peer::{self, H2PeerRecvBody, H2PeerSend};
+use crate::wire::h3_quic::QuicRecv;
 use crate::wire::quic::{H3Sender, PeerSender};
 
-type UpstreamRecv = h3::client::RequestStream<h3_quinn::RecvStream, Bytes>;
+type UpstreamRecv = h3::client::RequestStream<QuicRecv, Bytes>;
 
 /// What every attempt of a call sends: method, path and metadata as the app sent them.
 pub struct CallRequest {

@@ -7,9 +7,9 @@
 //! - [`pump_body`] copies an HTTP/2 body into the sending half of an HTTP/3 stream, awaiting
 //!   QUIC flow control on every write.
 //!
-//! Cancellation never calls `stop_sending` on a receive half: h3-quinn 0.0.10 panics when that
-//! happens while a read is pending. Dropping the receive half (quinn then sends STOP_SENDING
-//! itself) and resetting the send half achieve the same on the wire.
+//! Cancellation drops the receive half (quinn then sends STOP_SENDING itself) and resets the
+//! send half; the answering side learns of it through [`H3Send::poll_cancelled`], which
+//! [`pump_body`] watches while it waits for the source.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -21,11 +21,12 @@ use http::HeaderMap;
 use http_body::{Body, Frame};
 
 use crate::wire::grpc;
+use crate::wire::h3_quic::{QuicRecv, QuicSend};
 
-type ClientRecv = h3::client::RequestStream<h3_quinn::RecvStream, Bytes>;
-type ServerRecv = h3::server::RequestStream<h3_quinn::RecvStream, Bytes>;
-type ClientSend = h3::client::RequestStream<h3_quinn::SendStream<Bytes>, Bytes>;
-type ServerSend = h3::server::RequestStream<h3_quinn::SendStream<Bytes>, Bytes>;
+type ClientRecv = h3::client::RequestStream<QuicRecv, Bytes>;
+type ServerRecv = h3::server::RequestStream<QuicRecv, Bytes>;
+type ClientSend = h3::client::RequestStream<QuicSend<Bytes>, Bytes>;
+type ServerSend = h3::server::RequestStream<QuicSend<Bytes>, Bytes>;
 
 /// The receiving half of an HTTP/3 request stream, client or server side.
 pub trait H3Recv: Send + Unpin + 'static {
@@ -44,7 +45,7 @@ macro_rules! impl_h3_recv {
                 cx: &mut Context<'_>,
             ) -> Poll<Result<Option<Bytes>, StreamError>> {
                 let chunk = ready!(self.poll_recv_data(cx))?;
-                // h3-quinn hands out `Bytes` chunks, for which this is a reference-count bump.
+                // Our QUIC layer hands out `Bytes` chunks, for which this is a reference-count bump.
                 Poll::Ready(Ok(chunk.map(|mut buf| buf.copy_to_bytes(buf.remaining()))))
             }
             fn poll_trailers(
@@ -70,6 +71,12 @@ pub trait H3Send: Send + 'static {
     ) -> impl Future<Output = Result<(), Self::Error>> + Send;
     fn finish(&mut self) -> impl Future<Output = Result<(), Self::Error>> + Send;
     fn reset(&mut self, code: H3Code);
+    /// Ready once the receiving peer no longer wants the stream (it stopped or reset it, or
+    /// its connection is gone), so whatever feeds the stream can be cancelled at once. Stays
+    /// pending for a sender that cannot tell.
+    fn poll_cancelled(&mut self, _cx: &mut Context<'_>) -> Poll<()> {
+        Poll::Pending
+    }
 }
 
 macro_rules! impl_h3_send {
@@ -300,9 +307,20 @@ where
     B::Error: std::error::Error + 'static,
     S: H3Send,
 {
-    use http_body_util::BodyExt;
     loop {
-        match body.frame().await {
+        // The next frame, or the peer's cancel while waiting for it: a source that sends
+        // rarely (a quiet server stream) must not keep the call alive after the peer left.
+        let next = std::future::poll_fn(|cx| {
+            if let Poll::Ready(frame) = Pin::new(&mut body).poll_frame(cx) {
+                return Poll::Ready(Some(frame));
+            }
+            send.poll_cancelled(cx).map(|()| None)
+        })
+        .await;
+        let Some(next) = next else {
+            return PumpEnd::PeerGone("the peer cancelled the stream".to_string());
+        };
+        match next {
             None => {
                 return match send.finish().await {
                     Ok(()) => PumpEnd::Complete,

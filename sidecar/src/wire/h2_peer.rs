@@ -113,6 +113,11 @@ impl H2PeerSend {
 impl H3Send for H2PeerSend {
     type Error = h2::Error;
 
+    fn poll_cancelled(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        // A reset from the peer, or the connection's end.
+        self.stream.poll_reset(cx).map(drop)
+    }
+
     fn send_data(
         &mut self,
         data: Bytes,

@@ -17,6 +17,8 @@ use std::task::{ready, Context, Poll};
 use bytes::{Buf, Bytes};
 use h3::quic::{self, ConnectionErrorIncoming, StreamErrorIncoming, StreamId, WriteBuf};
 
+use crate::wire::h3_quic::{QuicBidi, QuicConnection, QuicOpener, QuicRecv, QuicSend, StopWatches};
+
 use crate::metrics::{metrics, LimitLabels};
 
 /// HTTP/3's H3_EXCESSIVE_LOAD (RFC 9114, section 8.1): the peer is asking for too much.
@@ -157,7 +159,7 @@ impl HeaderScan {
 
 /// The receiving half of a request stream, counted until its headers are complete.
 pub struct GuardedRecv {
-    inner: h3_quinn::RecvStream,
+    inner: QuicRecv,
     /// `None` once the headers are complete (or the stream was refused).
     scan: Option<HeaderScan>,
     budget: Arc<HeaderBudget>,
@@ -166,7 +168,7 @@ pub struct GuardedRecv {
 }
 
 impl GuardedRecv {
-    fn new(inner: h3_quinn::RecvStream, budget: Arc<HeaderBudget>, guarded: bool) -> Self {
+    fn new(inner: QuicRecv, budget: Arc<HeaderBudget>, guarded: bool) -> Self {
         GuardedRecv {
             inner,
             scan: guarded.then(HeaderScan::default),
@@ -242,9 +244,9 @@ impl quic::RecvStream for GuardedRecv {
     }
 }
 
-/// A request stream: the guarded receiving half and h3-quinn's sending half.
+/// A request stream: the guarded receiving half and the plain sending half.
 pub struct GuardedBidi<B: Buf> {
-    send: h3_quinn::SendStream<B>,
+    send: QuicSend<B>,
     recv: GuardedRecv,
 }
 
@@ -298,7 +300,7 @@ impl<B: Buf> quic::SendStream<B> for GuardedBidi<B> {
 }
 
 impl<B: Buf> quic::BidiStream<B> for GuardedBidi<B> {
-    type SendStream = h3_quinn::SendStream<B>;
+    type SendStream = QuicSend<B>;
     type RecvStream = GuardedRecv;
 
     fn split(self) -> (Self::SendStream, Self::RecvStream) {
@@ -325,26 +327,27 @@ impl crate::wire::body::H3Recv for h3::server::RequestStream<GuardedRecv, Bytes>
     }
 }
 
-/// h3-quinn's connection with every peer-opened request stream guarded.
+/// The QUIC connection h3 serves, with every peer-opened request stream guarded.
 pub struct GuardedConnection {
-    inner: h3_quinn::Connection,
+    inner: QuicConnection,
     budget: Arc<HeaderBudget>,
 }
 
 impl GuardedConnection {
-    pub fn new(connection: quinn::Connection, budget: Arc<HeaderBudget>) -> Self {
+    /// `stops` receives each accepted request stream's STOP_SENDING watch.
+    pub fn new(
+        connection: quinn::Connection,
+        budget: Arc<HeaderBudget>,
+        stops: Arc<StopWatches>,
+    ) -> Self {
         GuardedConnection {
-            inner: h3_quinn::Connection::new(connection),
+            inner: QuicConnection::serving(connection, stops),
             budget,
         }
     }
 }
 
-fn guard<B: Buf>(
-    stream: h3_quinn::BidiStream<B>,
-    budget: &Arc<HeaderBudget>,
-    guarded: bool,
-) -> GuardedBidi<B> {
+fn guard<B: Buf>(stream: QuicBidi<B>, budget: &Arc<HeaderBudget>, guarded: bool) -> GuardedBidi<B> {
     let (send, recv) = quic::BidiStream::split(stream);
     GuardedBidi {
         send,
@@ -353,7 +356,7 @@ fn guard<B: Buf>(
 }
 
 impl<B: Buf> quic::Connection<B> for GuardedConnection {
-    type RecvStream = h3_quinn::RecvStream;
+    type RecvStream = QuicRecv;
     type OpenStreams = GuardedOpener;
 
     fn poll_accept_recv(
@@ -381,7 +384,7 @@ impl<B: Buf> quic::Connection<B> for GuardedConnection {
 
 impl<B: Buf> quic::OpenStreams<B> for GuardedConnection {
     type BidiStream = GuardedBidi<B>;
-    type SendStream = h3_quinn::SendStream<B>;
+    type SendStream = QuicSend<B>;
 
     fn poll_open_bidi(
         &mut self,
@@ -405,13 +408,13 @@ impl<B: Buf> quic::OpenStreams<B> for GuardedConnection {
 
 /// The opener h3 uses for its own streams (control, QPACK): ours are not guarded.
 pub struct GuardedOpener {
-    inner: h3_quinn::OpenStreams,
+    inner: QuicOpener,
     budget: Arc<HeaderBudget>,
 }
 
 impl<B: Buf> quic::OpenStreams<B> for GuardedOpener {
     type BidiStream = GuardedBidi<B>;
-    type SendStream = h3_quinn::SendStream<B>;
+    type SendStream = QuicSend<B>;
 
     fn poll_open_bidi(
         &mut self,

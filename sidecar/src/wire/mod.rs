@@ -9,5 +9,6 @@ pub mod grpc;
 pub mod h2_peer;
 pub mod h2_settings;
 pub mod h3_guard;
+pub mod h3_quic;
 pub mod quic;
 pub mod tls;

@@ -25,9 +25,10 @@ use quinn::{AckFrequencyConfig, EndpointConfig, IdleTimeout, TransportConfig, Va
 use crate::endpoints::ranking::{EndpointLoad, RankingWatch};
 use crate::metrics::{metrics, DirectionLabels, OpenPeerConnection};
 use crate::wire::h2_peer;
+use crate::wire::h3_quic::{QuicConnection, QuicOpener};
 
 /// The HTTP/3 request handle of one upstream connection; clones share the connection.
-pub type H3Sender = h3::client::SendRequest<h3_quinn::OpenStreams, Bytes>;
+pub type H3Sender = h3::client::SendRequest<QuicOpener, Bytes>;
 
 /// Concurrent calls one peer may have open on one connection. quinn's default of 100 would
 /// queue the 101st call of a busy app; 1,000+ concurrent calls per endpoint must neither fail nor
@@ -878,7 +879,7 @@ async fn connect(
         .map_err(|e| describe_connection_error(&e))?;
     let (mut driver, sender) = h3::client::builder()
         .send_grease(false)
-        .build::<_, _, Bytes>(h3_quinn::Connection::new(connection.clone()))
+        .build::<_, _, Bytes>(QuicConnection::new(connection.clone()))
         .await
         .map_err(|e| format!("HTTP/3 setup: {e}"))?;
     tracing::debug!(%address, server_name, "QUIC connection established");

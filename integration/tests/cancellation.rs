@@ -1,0 +1,196 @@
+//! A call the app cancels is cancelled at the upstream app at once, whatever its shape and
+//! however far it got: in particular after its request was sent whole, when the only way to
+//! tell the server side is STOP_SENDING on the stream it answers on (HTTP/3) or RST_STREAM
+//! (HTTP/2). The echo app never enforces deadlines and every call here would run for a minute,
+//! so a cancellation the app sees can only come from the sidecars, and it must come in well
+//! under a second (the measured delay is printed; `--nocapture`).
+
+use std::time::{Duration, Instant};
+
+use integration::{
+    harness::{within, Pipeline},
+    pb::{echo_client::EchoClient, EchoRequest},
+};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+
+/// The app's service time: any cancellation seen before it is the sidecars' doing.
+const SLOW_MS: u32 = 60_000;
+/// How long a cancellation may take to reach the app: generous for a busy 2-core machine;
+/// without a stop watch it arrives only at the call's deadline (here: never within the test).
+const CANCEL_BOUND: Duration = Duration::from_secs(3);
+const LIMIT: Duration = Duration::from_secs(30);
+
+/// Runs `call` until the app has it (and, for streams, whatever `ready` awaits), then drops it
+/// as a cancelling app would, and returns how long the app took to see the cancellation.
+async fn cancel_once_started<F>(pipeline: &Pipeline, call: F) -> Duration
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    let state = pipeline.echo.state();
+    assert_eq!(state.calls_cancelled(), 0);
+    let running = tokio::spawn(call);
+    assert!(
+        state.wait_for_calls_started(1, LIMIT).await,
+        "the call never reached the app"
+    );
+    // Let the request's last bytes (END_STREAM) reach the app's side as well.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        state.calls_cancelled(),
+        0,
+        "the app's call ended before the cancel"
+    );
+    let cancelled_at = Instant::now();
+    running.abort();
+    assert!(
+        state.wait_for_cancellations(1, CANCEL_BOUND).await,
+        "the app's call was not cancelled within {CANCEL_BOUND:?} of the app cancelling"
+    );
+    let seen = state
+        .last_cancellation()
+        .expect("a cancellation was counted, so its time was kept");
+    seen.saturating_duration_since(cancelled_at)
+}
+
+fn slow() -> EchoRequest {
+    EchoRequest {
+        delay_ms: SLOW_MS,
+        ..Default::default()
+    }
+}
+
+async fn client(pipeline: &Pipeline) -> EchoClient<Channel> {
+    pipeline.client().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_unary_call_is_cancelled_at_the_app_at_once() {
+    let pipeline = Pipeline::start().await;
+    let mut client = client(&pipeline).await;
+    let delay = cancel_once_started(&pipeline, async move {
+        let _ = client.unary(slow()).await;
+    })
+    .await;
+    println!("unary: the app saw the cancel {delay:?} after the app cancelled");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_server_stream_before_its_first_reply_is_cancelled_at_the_app_at_once() {
+    let pipeline = Pipeline::start().await;
+    let mut client = client(&pipeline).await;
+    let delay = cancel_once_started(&pipeline, async move {
+        let request = EchoRequest {
+            reply_count: 3,
+            ..slow()
+        };
+        if let Ok(stream) = client.server_stream(request).await {
+            let mut stream = stream.into_inner();
+            while let Ok(Some(_)) = stream.message().await {}
+        }
+    })
+    .await;
+    println!("server stream, no reply yet: the app saw the cancel {delay:?} after");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_client_stream_sent_whole_is_cancelled_at_the_app_at_once() {
+    let pipeline = Pipeline::start().await;
+    let mut client = client(&pipeline).await;
+    let delay = cancel_once_started(&pipeline, async move {
+        let requests = vec![EchoRequest::default(), EchoRequest::default(), slow()];
+        let _ = client.client_stream(tokio_stream::iter(requests)).await;
+    })
+    .await;
+    println!("client stream sent whole: the app saw the cancel {delay:?} after");
+}
+
+/// The response has started and the app is quiet between messages: the cancel must not wait
+/// for the app's next message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_bidi_stream_waiting_on_a_quiet_app_is_cancelled_at_once() {
+    let pipeline = Pipeline::start().await;
+    let mut client = client(&pipeline).await;
+    let state = pipeline.echo.state();
+    let running = tokio::spawn(async move {
+        let (sender, receiver) = tokio::sync::mpsc::channel(4);
+        let _ = sender.send(EchoRequest::default()).await;
+        let Ok(replies) = client.bidi(ReceiverStream::new(receiver)).await else {
+            return;
+        };
+        let mut replies = replies.into_inner();
+        if let Ok(Some(_)) = replies.message().await {
+            // The next reply takes a minute; the request side then closes (sent whole).
+            let _ = sender.send(slow()).await;
+            drop(sender);
+            while let Ok(Some(_)) = replies.message().await {}
+        }
+    });
+    let deadline = Instant::now() + LIMIT;
+    while state.stream_messages_received() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the slow request never reached the app"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Let the request side's end reach the app's side as well.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        state.calls_cancelled(),
+        0,
+        "the app's call ended before the cancel"
+    );
+    let cancelled_at = Instant::now();
+    running.abort();
+    assert!(
+        state.wait_for_cancellations(1, CANCEL_BOUND).await,
+        "the app's bidi call was not cancelled within {CANCEL_BOUND:?} of the app cancelling"
+    );
+    let delay = state
+        .last_cancellation()
+        .expect("a cancellation was counted, so its time was kept")
+        .saturating_duration_since(cancelled_at);
+    println!("bidi waiting on a quiet app: the app saw the cancel {delay:?} after");
+}
+
+/// Many cancelled calls leave no stop watch behind in the server sidecar and do not disturb
+/// the calls that follow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_cancelled_calls_all_reach_the_app_and_later_calls_succeed() {
+    let pipeline = Pipeline::start().await;
+    let mut client = client(&pipeline).await;
+    let state = pipeline.echo.state();
+    let mut running = Vec::new();
+    for _ in 0..50 {
+        let mut client = client.clone();
+        running.push(tokio::spawn(async move {
+            let _ = client.unary(slow()).await;
+        }));
+    }
+    assert!(
+        state.wait_for_calls_started(50, LIMIT).await,
+        "not every call reached the app"
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for call in running {
+        call.abort();
+    }
+    assert!(
+        state
+            .wait_for_cancellations(50, Duration::from_secs(10))
+            .await,
+        "{} of 50 cancelled calls were cancelled at the app",
+        state.calls_cancelled()
+    );
+    for _ in 0..20 {
+        let reply = within(
+            LIMIT,
+            "a call after the cancels",
+            client.unary(EchoRequest::default()),
+        )
+        .await
+        .expect("a call after the cancelled ones succeeds");
+        assert_eq!(reply.into_inner().sequence, 0);
+    }
+}

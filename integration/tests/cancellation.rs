@@ -8,9 +8,11 @@
 use std::time::{Duration, Instant};
 
 use integration::{
-    harness::{within, Pipeline},
+    cluster::{Cluster, ClusterSpec},
+    harness::{echo_client, within, Pipeline},
     pb::{echo_client::EchoClient, EchoRequest},
 };
+use serde_json::json;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
@@ -193,4 +195,48 @@ async fn many_cancelled_calls_all_reach_the_app_and_later_calls_succeed() {
         .expect("a call after the cancelled ones succeeds");
         assert_eq!(reply.into_inner().sequence, 0);
     }
+}
+
+/// A hedged call answered by another pod has its losing attempt cancelled at the slow pod's
+/// app at once, not left running there until its deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_losing_hedge_is_cancelled_at_its_app_at_once() {
+    let mut spec = ClusterSpec::three_nodes(1);
+    spec.service_config = Some(json!({"methodConfig": [{"name": [{"service": "echo.Echo"}],
+        "hedgingPolicy": {"maxAttempts": 2, "hedgingDelay": "0.1s"}}]}));
+    let cluster = Cluster::start(spec).await;
+    let mut client = echo_client(cluster.app_addr).await;
+    let same_node = &cluster.spec.pods[0].0;
+    let slow_app = cluster
+        .pod(same_node)
+        .app
+        .as_ref()
+        .expect("the same-node pod's app runs")
+        .state()
+        .clone();
+    // The first attempt goes to the same-node pod: a minute there, so the hedge answers.
+    slow_app.slow_down(u64::from(SLOW_MS));
+    let reply = within(LIMIT, "a hedged call", client.unary(EchoRequest::default()))
+        .await
+        .expect("the hedge answers")
+        .into_inner();
+    let answered_at = Instant::now();
+    assert_ne!(
+        &reply.server, same_node,
+        "the slow pod cannot have answered"
+    );
+    assert_eq!(
+        slow_app.calls_started(),
+        1,
+        "the first attempt reached the slow pod"
+    );
+    assert!(
+        slow_app.wait_for_cancellations(1, CANCEL_BOUND).await,
+        "the losing attempt was not cancelled at its app within {CANCEL_BOUND:?}"
+    );
+    let delay = slow_app
+        .last_cancellation()
+        .expect("a cancellation was counted, so its time was kept")
+        .saturating_duration_since(answered_at);
+    println!("losing hedge: its app saw the cancel {delay:?} after the winner answered");
 }

@@ -24,7 +24,7 @@ PIDS=()
 cleanup() {
     for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
     wait 2>/dev/null || true
-    rm -rf "$WORK"
+    if [ -n "${KEEP:-}" ]; then echo "kept $WORK"; else rm -rf "$WORK"; fi
 }
 trap cleanup EXIT
 
@@ -155,6 +155,8 @@ echo "calls during the load: $((${ALL1%.*} - ${ALL0%.*})) counted, $((${OK1%.*} 
 
 echo "server sidecar refusals toward its app: $(curl -s "http://127.0.0.1:$SERVER_ADMIN/metrics" | grep '^locality_sidecar_inbound_limited_total' | tr '\n' ' ')"
 echo "final statuses since start: $(curl -s "http://127.0.0.1:$CLIENT_ADMIN/metrics" | awk '/^locality_sidecar_calls_total/ { match($0, /status="[A-Z_]+"/); st[substr($0, RSTART + 8, RLENGTH - 9)] += $NF } END { for (k in st) printf "%s=%d ", k, st[k] }')"
+echo "attempts by status: $(curl -s "http://127.0.0.1:$CLIENT_ADMIN/metrics" | awk '/^locality_sidecar_attempts_total/ { match($0, /status="[A-Z_]+"/); st[substr($0, RSTART + 8, RLENGTH - 9)] += $NF } END { for (k in st) printf "%s=%d ", k, st[k] }')"
+echo "connections declared dead (peer silent while calls waited): $(metric locality_sidecar_quic_dead_connections_total)"
 h2load -n 100 -c 1 -m 1 -d "$WORK/plain.bin" "${H2[@]}" "$URL/echo.Echo/Unary" >"$WORK/after.txt" 2>&1 || true
 OK2=$(metric locality_sidecar_calls_total 'status="OK"')
 echo "100 ordinary calls right after: $((${OK2%.*} - ${OK1%.*})) OK ($(grep -E '^requests:' "$WORK/after.txt"))"

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use integration::{
     cluster::{Cluster, ClusterSpec},
+    echo_server::EchoState,
     harness::{echo_client, within, Pipeline},
     pb::{echo_client::EchoClient, EchoRequest},
 };
@@ -23,36 +24,41 @@ const SLOW_MS: u32 = 60_000;
 const CANCEL_BOUND: Duration = Duration::from_secs(3);
 const LIMIT: Duration = Duration::from_secs(30);
 
-/// Runs `call` until the app has it (and, for streams, whatever `ready` awaits), then drops it
-/// as a cancelling app would, and returns how long the app took to see the cancellation.
+/// Runs `call` until the app has it, then drops it as a cancelling app would, and returns how
+/// long the app took to see the cancellation.
 async fn cancel_once_started<F>(pipeline: &Pipeline, call: F) -> Duration
 where
     F: std::future::Future<Output = ()> + Send + 'static,
 {
     let state = pipeline.echo.state();
-    assert_eq!(state.calls_cancelled(), 0);
     let running = tokio::spawn(call);
     assert!(
         state.wait_for_calls_started(1, LIMIT).await,
         "the call never reached the app"
     );
-    // Let the request's last bytes (END_STREAM) reach the app's side as well.
+    cancel_and_time(state, running).await
+}
+
+/// Aborts `running` (the app cancelling its call) and returns how long `app` took to see it.
+async fn cancel_and_time(app: &EchoState, running: tokio::task::JoinHandle<()>) -> Duration {
+    // Not a synchronisation: the cancel must arrive either way. This gives the request's end
+    // (END_STREAM) time to reach the server side first, so the test exercises the case where
+    // only STOP_SENDING can tell the server sidecar.
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(
-        state.calls_cancelled(),
+        app.calls_cancelled(),
         0,
         "the app's call ended before the cancel"
     );
     let cancelled_at = Instant::now();
     running.abort();
     assert!(
-        state.wait_for_cancellations(1, CANCEL_BOUND).await,
+        app.wait_for_cancellations(1, CANCEL_BOUND).await,
         "the app's call was not cancelled within {CANCEL_BOUND:?} of the app cancelling"
     );
-    let seen = state
-        .last_cancellation()
-        .expect("a cancellation was counted, so its time was kept");
-    seen.saturating_duration_since(cancelled_at)
+    app.last_cancellation()
+        .expect("a cancellation was counted, so its time was kept")
+        .saturating_duration_since(cancelled_at)
 }
 
 fn slow() -> EchoRequest {
@@ -136,23 +142,7 @@ async fn a_cancelled_bidi_stream_waiting_on_a_quiet_app_is_cancelled_at_once() {
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    // Let the request side's end reach the app's side as well.
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    assert_eq!(
-        state.calls_cancelled(),
-        0,
-        "the app's call ended before the cancel"
-    );
-    let cancelled_at = Instant::now();
-    running.abort();
-    assert!(
-        state.wait_for_cancellations(1, CANCEL_BOUND).await,
-        "the app's bidi call was not cancelled within {CANCEL_BOUND:?} of the app cancelling"
-    );
-    let delay = state
-        .last_cancellation()
-        .expect("a cancellation was counted, so its time was kept")
-        .saturating_duration_since(cancelled_at);
+    let delay = cancel_and_time(state, running).await;
     println!("bidi waiting on a quiet app: the app saw the cancel {delay:?} after");
 }
 

@@ -151,6 +151,49 @@ async fn call(
     })
 }
 
+/// A server-role sidecar in front of an echo app, and a peer certificate (identity
+/// `frontend`) from the same CA to call it over the fallback with.
+struct EchoBehindSidecar {
+    // Drop order is field order: the processes go before the directory holding their files.
+    server: Sidecar,
+    echo: integration::echo_server::EchoServerHandle,
+    server_tls: TlsFiles,
+    peer_tls: TlsFiles,
+    /// The QUIC port's number, where the TCP fallback listens too.
+    listen: SocketAddr,
+    admin: SocketAddr,
+    dir: tempfile::TempDir,
+}
+
+impl EchoBehindSidecar {
+    async fn start() -> EchoBehindSidecar {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let ca_dir = dir.path().join("server-certs");
+        let server_tls = sidecar_certs(&ca_dir, None, Some(&id("echo")));
+        let peer_tls = sidecar_certs(
+            &dir.path().join("frontend"),
+            Some(&ca_dir),
+            Some(&id("frontend")),
+        );
+        let echo = spawn_echo_server(SocketAddr::from((next_loopback_ip(), 0)), "echo-pod")
+            .await
+            .expect("start the echo server");
+        let listen = free_udp_addr();
+        let admin = free_tcp_addr();
+        let config = server_sidecar_config(listen, echo.addr(), &server_tls, admin);
+        let server = Sidecar::start("server", dir.path(), &config, admin).await;
+        EchoBehindSidecar {
+            server,
+            echo,
+            server_tls,
+            peer_tls,
+            listen,
+            admin,
+            dir,
+        }
+    }
+}
+
 /// Polls `/metrics` until the open inbound HTTP/2 connections are `value`; panics after LIMIT.
 async fn wait_h2_connections(admin: SocketAddr, value: f64) {
     let started = tokio::time::Instant::now();
@@ -169,21 +212,15 @@ async fn wait_h2_connections(admin: SocketAddr, value: f64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_over_tcp_gets_its_exact_bytes_back_and_is_counted_as_an_http2_connection() {
-    let dir = tempfile::tempdir().expect("temporary directory");
-    let ca_dir = dir.path().join("server-certs");
-    let server_tls = sidecar_certs(&ca_dir, None, Some(&id("echo")));
-    let peer_tls = sidecar_certs(
-        &dir.path().join("frontend"),
-        Some(&ca_dir),
-        Some(&id("frontend")),
-    );
-    let echo = spawn_echo_server(SocketAddr::from((next_loopback_ip(), 0)), "echo-pod")
-        .await
-        .expect("start the echo server");
-    let listen = free_udp_addr();
-    let admin = free_tcp_addr();
-    let config = server_sidecar_config(listen, echo.addr(), &server_tls, admin);
-    let mut server = Sidecar::start("server", dir.path(), &config, admin).await;
+    let EchoBehindSidecar {
+        dir: _dir,
+        server_tls,
+        peer_tls,
+        echo: _echo,
+        mut server,
+        listen,
+        admin,
+    } = EchoBehindSidecar::start().await;
 
     let sender = within(
         LIMIT,
@@ -405,21 +442,15 @@ async fn identities_on_the_http2_fallback_are_verified_and_authorized_as_on_quic
 /// while the app works on it) has the app's call cancelled at once, not at a deadline.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_cancelling_over_http2_cancels_the_app_call_at_once() {
-    let dir = tempfile::tempdir().expect("temporary directory");
-    let ca_dir = dir.path().join("server-certs");
-    let server_tls = sidecar_certs(&ca_dir, None, Some(&id("echo")));
-    let peer_tls = sidecar_certs(
-        &dir.path().join("frontend"),
-        Some(&ca_dir),
-        Some(&id("frontend")),
-    );
-    let echo = spawn_echo_server(SocketAddr::from((next_loopback_ip(), 0)), "echo-pod")
-        .await
-        .expect("start the echo server");
-    let listen = free_udp_addr();
-    let admin = free_tcp_addr();
-    let config = server_sidecar_config(listen, echo.addr(), &server_tls, admin);
-    let _server = Sidecar::start("server", dir.path(), &config, admin).await;
+    let EchoBehindSidecar {
+        dir: _dir,
+        server_tls,
+        peer_tls,
+        echo,
+        server: _server,
+        listen,
+        ..
+    } = EchoBehindSidecar::start().await;
     let sender = within(
         LIMIT,
         "connect over TCP",

@@ -192,18 +192,20 @@ async fn a_slow_local_pod_sheds_its_calls_and_gets_them_back_when_it_recovers() 
     let cluster = Cluster::start(spec).await;
     let client = echo_client(cluster.app_addr).await;
     let local_app = cluster.pod(LOCAL).app.as_ref().expect("the local app runs");
+    // 50 calls/s of 5 ms keep a quarter of a call waiting on the local pod: far under the band
+    // even when a starved machine triples latency, so only the slowdown below makes it spill.
     let open =
-        |seconds: u64| integration::load::open_loop(&client, 100, Duration::from_secs(seconds), 5);
+        |seconds: u64| integration::load::open_loop(&client, 50, Duration::from_secs(seconds), 5);
     let report = |phase: &str, report: LoadReport| {
         eprintln!("{}", describe(phase, &report));
         assert!(report.failures.is_empty(), "{}", describe(phase, &report));
         report
     };
 
-    let fast = report("fast, 100 calls/s", open(2).await);
+    let fast = report("fast, 50 calls/s", open(2).await);
     assert!(fast.share_of(LOCAL) >= 0.95, "{}", describe("fast", &fast));
 
-    // 100 calls/s at 105 ms each is ~10 calls waiting on one pod: far above the band.
+    // 50 calls/s at 105 ms each is ~5 calls waiting on one pod: far above the band.
     local_app.state().slow_down(100);
     open(1).await;
     let slow = report("local pod slow", open(3).await);
@@ -214,7 +216,7 @@ async fn a_slow_local_pod_sheds_its_calls_and_gets_them_back_when_it_recovers() 
     );
 
     local_app.state().slow_down(0);
-    within(Duration::from_secs(20), "the calls coming back", async {
+    within(Duration::from_secs(60), "the calls coming back", async {
         loop {
             open(1).await;
             if spill_state(&cluster).await == "local" {

@@ -603,6 +603,8 @@ pub async fn start_setup(
             let common = [
                 ("CA", path_str(&context.certs.ca())),
                 ("CERT_PEM", path_str(&context.cert_pem)),
+                // One HAProxy thread per sidecar runtime worker: the same cores per side.
+                ("THREADS", context.sidecar_threads.to_string()),
             ];
             let mut b_values = common.to_vec();
             b_values.extend([

@@ -78,8 +78,8 @@ struct Args {
     /// throughput.
     #[arg(long, default_value_t = 0.8, value_name = "FRACTION")]
     rate_fraction: f64,
-    /// Worker threads per sidecar process (LOCALITY_SIDECAR_WORKER_THREADS); 1 matches the
-    /// peers' one thread (HAProxy) or one worker process (nginx) per side.
+    /// Worker threads per sidecar process (LOCALITY_SIDECAR_WORKER_THREADS), and HAProxy's
+    /// `nbthread` per side to match; nginx keeps one worker process.
     #[arg(long, default_value_t = 1)]
     sidecar_threads: usize,
     /// Runtime worker threads of the load generator (this process) [default: one per CPU].
@@ -727,10 +727,11 @@ async fn run(args: Args, sidecar_binary: PathBuf, echo_binary: PathBuf) -> anyho
         machine["load_average_at_start"].as_str().unwrap_or("?"),
     );
     println!(
-        "plan: {} round(s) × {:.2} s measured (+{:.2} s warm-up) per setup and scenario; sidecars with {} runtime worker(s); HAProxy nbthread 1; nginx worker_processes 1",
+        "plan: {} round(s) × {:.2} s measured (+{:.2} s warm-up) per setup and scenario; sidecars with {} runtime worker(s); HAProxy nbthread {}; nginx worker_processes 1",
         plan.rounds,
         plan.measure_per_round.as_secs_f64(),
         plan.warmup.as_secs_f64(),
+        args.sidecar_threads,
         args.sidecar_threads
     );
     println!(
@@ -827,12 +828,13 @@ async fn run(args: Args, sidecar_binary: PathBuf, echo_binary: PathBuf) -> anyho
     std::fs::write(&json_path, serde_json::to_string_pretty(&document)? + "\n")
         .with_context(|| format!("write {}", json_path.display()))?;
     let subtitle = format!(
-        "{} CPUs ({}), kernel {}; {} round(s) × {:.1} s per setup; sidecars {} worker thread(s), HAProxy nbthread 1, nginx 1 worker",
+        "{} CPUs ({}), kernel {}; {} round(s) × {:.1} s per setup; sidecars {} worker thread(s), HAProxy nbthread {}, nginx 1 worker",
         machine["nproc"],
         machine["cpu_model"].as_str().unwrap_or("?"),
         machine["kernel"].as_str().unwrap_or("?"),
         plan.rounds,
         plan.measure_per_round.as_secs_f64(),
+        args.sidecar_threads,
         args.sidecar_threads
     );
     std::fs::write(&svg_path, report::svg(&results, &subtitle))

@@ -60,6 +60,10 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEAD_AFTER: Duration = Duration::from_millis(500);
 /// How often a connection's watchdog looks at what has arrived.
 const WATCHDOG_TICK: Duration = Duration::from_millis(50);
+/// The most one look counts toward a peer's silence. A look later than this means our own
+/// process did not run meanwhile (a CPU-starved or throttled sidecar): the peer's packets may
+/// be sitting unread in our socket, so that stall says nothing about the peer.
+const MOST_COUNTED_PER_LOOK: Duration = Duration::from_millis(200);
 /// How long a failed connect (or a connection declared dead) is remembered: calls that pick the
 /// endpoint meanwhile are told at once, and go elsewhere, instead of each waiting out a connect.
 const FAILURE_MEMORY: Duration = Duration::from_secs(1);
@@ -914,23 +918,36 @@ enum Verdict {
     Dead,
 }
 
-/// The watchdog's memory between looks: the datagrams received so far, and when that count
-/// last moved (or nobody was waiting, which restarts the clock).
+/// The watchdog's memory between looks: the datagrams received so far, and how long the peer
+/// has been silent while calls waited (anything received, or nobody waiting, restarts it).
 #[derive(Debug, Clone, Copy)]
 struct Silence {
     datagrams: u64,
-    heard: Instant,
+    silent_for: Duration,
+    last_look: Instant,
 }
 
 impl Silence {
+    fn new(datagrams: u64, now: Instant) -> Silence {
+        Silence {
+            datagrams,
+            silent_for: Duration::ZERO,
+            last_look: now,
+        }
+    }
+
     /// One look at `now`: `datagrams` received in all, `waiting` calls waiting for headers.
+    /// Each look counts the time since the previous one, up to [`MOST_COUNTED_PER_LOOK`].
     fn look(&mut self, datagrams: u64, waiting: usize, now: Instant) -> Verdict {
+        let since = now.saturating_duration_since(self.last_look);
+        self.last_look = now;
         if datagrams != self.datagrams || waiting == 0 {
             self.datagrams = datagrams;
-            self.heard = now;
+            self.silent_for = Duration::ZERO;
             return Verdict::Alive;
         }
-        if now.duration_since(self.heard) >= DEAD_AFTER {
+        self.silent_for += since.min(MOST_COUNTED_PER_LOOK);
+        if self.silent_for >= DEAD_AFTER {
             Verdict::Dead
         } else {
             Verdict::Alive
@@ -947,10 +964,7 @@ async fn watch_link(
     slot: Weak<Slot>,
     address: SocketAddr,
 ) {
-    let mut silence = Silence {
-        datagrams: connection.stats().udp_rx.datagrams,
-        heard: Instant::now(),
-    };
+    let mut silence = Silence::new(connection.stats().udp_rx.datagrams, Instant::now());
     let mut ticks = tokio::time::interval(WATCHDOG_TICK);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -994,10 +1008,7 @@ async fn watch_h2_link(
     address: SocketAddr,
 ) {
     let mut pongs = 0u64;
-    let mut silence = Silence {
-        datagrams: pongs,
-        heard: Instant::now(),
-    };
+    let mut silence = Silence::new(pongs, Instant::now());
     let mut outstanding = false;
     let mut ticks = tokio::time::interval(WATCHDOG_TICK);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -1294,34 +1305,53 @@ mod tests {
     #[test]
     fn silence_only_counts_while_calls_wait() {
         let start = Instant::now();
-        let mut silence = Silence {
-            datagrams: 5,
-            heard: start,
-        };
+        let mut silence = Silence::new(5, start);
         let later = |ms| start + Duration::from_millis(ms);
         // Idle for a long time: nobody waits, so nothing is judged.
         assert_eq!(silence.look(5, 0, later(5_000)), Verdict::Alive);
         // A call starts waiting; the clock runs from the last look.
         assert_eq!(silence.look(5, 1, later(5_100)), Verdict::Alive);
-        assert_eq!(silence.look(5, 1, later(5_400)), Verdict::Alive);
+        assert_eq!(silence.look(5, 1, later(5_300)), Verdict::Alive);
+        assert_eq!(silence.look(5, 1, later(5_450)), Verdict::Alive);
         assert_eq!(silence.look(5, 1, later(5_500)), Verdict::Dead);
+    }
+
+    #[test]
+    fn a_stall_of_our_own_is_not_the_peers_silence() {
+        let start = Instant::now();
+        let mut silence = Silence::new(0, start);
+        let later = |ms| start + Duration::from_millis(ms);
+        assert_eq!(silence.look(0, 3, later(50)), Verdict::Alive);
+        // Our process did not run for 2 s (starved): the peer's ACKs may be unread in our
+        // socket, so that counts as one long look, not as 2 s of silence.
+        assert_eq!(silence.look(0, 3, later(2_050)), Verdict::Alive);
+        assert_eq!(
+            silence.look(1, 3, later(2_100)),
+            Verdict::Alive,
+            "the ACKs were there"
+        );
+        // A peer that really went quiet is still found out, looks coming on time.
+        for ms in [2_200, 2_300, 2_400, 2_500] {
+            assert_eq!(silence.look(1, 3, later(ms)), Verdict::Alive);
+        }
+        assert_eq!(silence.look(1, 3, later(2_600)), Verdict::Dead);
     }
 
     #[test]
     fn anything_received_restarts_the_silence() {
         let start = Instant::now();
-        let mut silence = Silence {
-            datagrams: 0,
-            heard: start,
-        };
+        let mut silence = Silence::new(0, start);
         let later = |ms| start + Duration::from_millis(ms);
+        assert_eq!(silence.look(0, 3, later(200)), Verdict::Alive);
         assert_eq!(silence.look(0, 3, later(400)), Verdict::Alive);
         assert_eq!(
             silence.look(1, 3, later(450)),
             Verdict::Alive,
             "an ACK came"
         );
-        assert_eq!(silence.look(1, 3, later(900)), Verdict::Alive);
+        for ms in [650, 850, 900] {
+            assert_eq!(silence.look(1, 3, later(ms)), Verdict::Alive);
+        }
         assert_eq!(silence.look(1, 3, later(950)), Verdict::Dead);
     }
 

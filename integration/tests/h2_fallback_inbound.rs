@@ -39,13 +39,13 @@ fn id(account: &str) -> String {
     format!("{TRUST_DOMAIN}/{account}")
 }
 
-/// A TLS 1.3 + HTTP/2 connection to `address` (TCP), trusting `ca`, presenting `client`'s
+/// A TLS 1.3 connection (ALPN h2) to `address` (TCP), trusting `ca`, presenting `client`'s
 /// certificate, as a peer sidecar on the fallback would open it.
-async fn connect(
+async fn tls_connect(
     address: SocketAddr,
     ca: &Path,
     client: &TlsFiles,
-) -> Result<h2::client::SendRequest<Bytes>, String> {
+) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, String> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_file_iter(ca).map_err(|e| e.to_string())? {
         roots
@@ -78,6 +78,16 @@ async fn connect(
     if alpn.as_deref() != Some(b"h2".as_slice()) {
         return Err(format!("the sidecar did not agree on ALPN h2: {alpn:?}"));
     }
+    Ok(tls)
+}
+
+/// [`tls_connect`] with an HTTP/2 client on top.
+async fn connect(
+    address: SocketAddr,
+    ca: &Path,
+    client: &TlsFiles,
+) -> Result<h2::client::SendRequest<Bytes>, String> {
+    let tls = tls_connect(address, ca, client).await?;
     let (sender, connection) = h2::client::handshake(tls)
         .await
         .map_err(|e| format!("HTTP/2 handshake: {e}"))?;
@@ -497,4 +507,99 @@ async fn a_peer_cancelling_over_http2_cancels_the_app_call_at_once() {
         .expect("a cancellation was counted, so its time was kept")
         .saturating_duration_since(cancelled_at);
     println!("HTTP/2 fallback: the app saw the cancel {delay:?} after the peer's RST_STREAM");
+}
+
+/// An HTTP/2 frame: 9-byte header, then the payload.
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let length = u32::try_from(payload.len()).expect("a small frame");
+    let mut frame = length.to_be_bytes()[1..].to_vec();
+    frame.extend([kind, flags]);
+    frame.extend(stream.to_be_bytes());
+    frame.extend_from_slice(payload);
+    frame
+}
+
+/// An HPACK integer with a 7-bit prefix (RFC 7541, section 5.1).
+fn hpack_int(mut value: u64) -> Vec<u8> {
+    if value < 127 {
+        return vec![value as u8];
+    }
+    let mut out = vec![127];
+    value -= 127;
+    while value >= 128 {
+        out.push((value % 128) as u8 | 0x80);
+        value /= 128;
+    }
+    out.push(value as u8);
+    out
+}
+
+/// A peer whose request announces a 4 MiB header value and trickles it in CONTINUATION frames
+/// has its connection ended by the sidecar (h2 stops at the header limit), counted as a header
+/// limit; other peers' calls go on being answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_flooding_headers_over_http2_is_cut_off_and_counted() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let EchoBehindSidecar {
+        dir: _dir,
+        server_tls,
+        peer_tls,
+        echo: _echo,
+        server: _server,
+        listen,
+        admin,
+    } = EchoBehindSidecar::start().await;
+    let mut tls = within(LIMIT, "TLS", tls_connect(listen, &server_tls.ca, &peer_tls))
+        .await
+        .expect("TLS with ALPN h2");
+    // :method POST, :scheme https (static table), then a literal `x-big` announced at 4 MiB.
+    let mut block = vec![0x83, 0x87, 0x00];
+    block.extend(hpack_int(5));
+    block.extend(b"x-big");
+    block.extend(hpack_int(4 * 1024 * 1024));
+    let mut opening = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    opening.extend(h2_frame(0x4, 0, 0, &[]));
+    // HEADERS on stream 1 without END_HEADERS (nor END_STREAM): CONTINUATIONs follow.
+    opening.extend(h2_frame(0x1, 0, 1, &block));
+    tls.write_all(&opening).await.expect("send the opening");
+    let continuation = h2_frame(0x9, 0, 1, &[b'a'; 16 * 1024]);
+    let mut sent = 0usize;
+    within(LIMIT, "the flood, then the sidecar closing", async {
+        while sent < 4 * 1024 * 1024 {
+            if tls.write_all(&continuation).await.is_err() {
+                break;
+            }
+            sent += continuation.len();
+        }
+        // Socket buffers may have taken it all: the sidecar must end the connection anyway.
+        let mut rest = Vec::new();
+        let _ = tls.read_to_end(&mut rest).await;
+    })
+    .await;
+    security_common::wait_metric(
+        admin,
+        "locality_sidecar_inbound_limited_total",
+        &["limit=\"header_size\""],
+        1.0,
+        LIMIT,
+    )
+    .await;
+    // A well-behaved peer is still served.
+    let sender = within(LIMIT, "connect", connect(listen, &server_tls.ca, &peer_tls))
+        .await
+        .expect("TLS + HTTP/2");
+    let answer = within(
+        LIMIT,
+        "a call after the flood",
+        call(
+            &sender,
+            "/echo.Echo/Unary",
+            &HeaderMap::new(),
+            &EchoRequest::default(),
+        ),
+    )
+    .await
+    .expect("the call is answered");
+    assert_eq!(answer.grpc_status(), Some("0"), "{answer:?}");
+    println!("header flood over HTTP/2: the connection ended after {sent} bytes were written");
 }

@@ -759,6 +759,11 @@ async fn serve_h2_connection(
             accepted = connection.accept() => match accepted {
                 Some(Ok(call)) => call,
                 Some(Err(error)) => {
+                    if is_header_abuse(&error) {
+                        // h2 ended the connection over a header block past every limit (a
+                        // CONTINUATION flood, say); one it merely refused (431) never shows here.
+                        count_limited("header_size");
+                    }
                     if !error.is_go_away() || error.reason() != Some(h2::Reason::NO_ERROR) {
                         tracing::debug!(%remote, %error, "peer connection ended");
                     }
@@ -793,6 +798,16 @@ async fn serve_h2_connection(
             drop(place);
         }));
     }
+}
+
+/// Whether h2 itself ended a peer's connection over its header blocks.
+fn is_header_abuse(error: &h2::Error) -> bool {
+    error.is_library()
+        && error.is_go_away()
+        && matches!(
+            error.reason(),
+            Some(h2::Reason::ENHANCE_YOUR_CALM | h2::Reason::COMPRESSION_ERROR)
+        )
 }
 
 /// Resolves once `settle` has passed and no call is open.

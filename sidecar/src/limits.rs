@@ -18,8 +18,9 @@ pub const DEFAULT_BUDGET_BYTES: u64 = 128 * 1024 * 1024;
 /// What the process needs besides calls in flight (runtime, TLS, pools, discovery caches),
 /// measured idle at ~11 MiB, with room for a few thousand endpoints.
 const BASE_BYTES: u64 = 24 * 1024 * 1024;
-/// Memory one unary call in flight costs end to end (measured ~16 KiB: h2 and h3 stream state,
-/// header maps, tasks), with margin for streaming calls' buffers.
+/// Memory one call in flight costs end to end (measured ~12 KiB for a unary call or a server
+/// stream, release build: h2 and h3 stream state, header maps, tasks; see BENCHMARKS.md), with
+/// margin for streaming calls' buffers and the allocator.
 pub const BYTES_PER_CALL: u64 = 24 * 1024;
 /// Half the budget left to calls: the rest covers fragmentation and bursts of buffered data.
 const CALL_SHARE: f64 = 0.5;

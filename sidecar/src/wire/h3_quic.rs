@@ -498,3 +498,37 @@ impl<B: Buf> quic::SendStream<B> for QuicSend<B> {
         self.id
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn never() -> StopWatch {
+        Box::pin(std::future::pending())
+    }
+
+    fn id(raw: u64) -> StreamId {
+        StreamId::try_from(raw).expect("a small stream id")
+    }
+
+    #[test]
+    fn a_watch_is_taken_once_by_its_own_stream() {
+        let stops = StopWatches::new();
+        stops.register(0, never());
+        stops.register(4, never());
+        assert!(stops.take(id(8)).is_none(), "no watch for a stream never accepted");
+        assert!(stops.take(id(4)).is_some());
+        assert!(stops.take(id(4)).is_none(), "taken once");
+        assert_eq!(stops.waiting().len(), 1);
+    }
+
+    #[test]
+    fn a_stream_dropped_before_its_handler_leaves_nothing_behind() {
+        let stops = StopWatches::new();
+        stops.register(0, never());
+        // What `QuicSend`'s drop does for a stream h3 refused before any handler saw it.
+        stops.forget(0);
+        assert!(stops.waiting().is_empty());
+        assert!(stops.take(id(0)).is_none());
+    }
+}

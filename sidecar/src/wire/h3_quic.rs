@@ -516,7 +516,10 @@ mod tests {
         let stops = StopWatches::new();
         stops.register(0, never());
         stops.register(4, never());
-        assert!(stops.take(id(8)).is_none(), "no watch for a stream never accepted");
+        assert!(
+            stops.take(id(8)).is_none(),
+            "no watch for a stream never accepted"
+        );
         assert!(stops.take(id(4)).is_some());
         assert!(stops.take(id(4)).is_none(), "taken once");
         assert_eq!(stops.waiting().len(), 1);

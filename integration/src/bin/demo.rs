@@ -209,6 +209,57 @@ impl Drop for UdpBlock {
     }
 }
 
+/// Starts a one-minute call on the same-node pod, cancels it as an app would (dropping it), and
+/// prints how long echo-a1's app took to see the cancellation.
+async fn cancel_a_slow_call(
+    cluster: &Cluster,
+    client: &integration::pb::echo_client::EchoClient<tonic::transport::Channel>,
+) -> anyhow::Result<()> {
+    wait_until_nothing_ejected(cluster).await;
+    let app = cluster
+        .pod("echo-a1")
+        .app
+        .as_ref()
+        .ok_or_else(|| anyhow::anyhow!("echo-a1's app is not running"))?
+        .state()
+        .clone();
+    let (started, cancelled) = (app.calls_started(), app.calls_cancelled());
+    let mut caller = client.clone();
+    let call = tokio::spawn(async move {
+        let request = integration::pb::EchoRequest {
+            delay_ms: 60_000,
+            ..Default::default()
+        };
+        let _ = caller.unary(request).await;
+    });
+    if !app
+        .wait_for_calls_started(started + 1, Duration::from_secs(5))
+        .await
+    {
+        call.abort();
+        println!("  skipped: the call did not reach echo-a1");
+        return Ok(());
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let cancelled_at = Instant::now();
+    call.abort();
+    if app
+        .wait_for_cancellations(cancelled + 1, Duration::from_secs(10))
+        .await
+    {
+        let seen = app
+            .last_cancellation()
+            .map(|at| at.saturating_duration_since(cancelled_at));
+        println!(
+            "  echo-a1's app saw the call cancelled {:.1} ms after the app dropped it",
+            seen.unwrap_or_default().as_secs_f64() * 1000.0
+        );
+    } else {
+        println!("  echo-a1's app did not see the cancellation within 10 s");
+    }
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     println!("locality-sidecar demo: a cluster on this machine");
@@ -425,6 +476,12 @@ async fn main() -> anyhow::Result<()> {
             round(&cluster, &client, "round 1").await?;
         }
     }
+
+    println!(
+        "\n11. the app cancels a call whose request it sent whole (a slow unary call): echo-a1's"
+    );
+    println!("    app sees the cancellation at once, not at the call's 5 s deadline");
+    cancel_a_slow_call(&cluster, &client).await?;
 
     let metrics = cluster.metrics().await;
     println!("\nthe client sidecar's counters (GET /metrics on its admin port):");

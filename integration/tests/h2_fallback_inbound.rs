@@ -97,6 +97,17 @@ async fn connect(
     Ok(sender)
 }
 
+/// [`connect`] as a well-behaved peer of `server`, which must succeed.
+async fn peer_connection(
+    listen: SocketAddr,
+    server: &TlsFiles,
+    peer: &TlsFiles,
+) -> h2::client::SendRequest<Bytes> {
+    within(LIMIT, "connect over TCP", connect(listen, &server.ca, peer))
+        .await
+        .expect("TLS + HTTP/2 to the inbound's TCP port")
+}
+
 /// One gRPC response as a peer receives it.
 #[derive(Debug)]
 struct Answer {
@@ -232,13 +243,7 @@ async fn a_peer_over_tcp_gets_its_exact_bytes_back_and_is_counted_as_an_http2_co
         admin,
     } = EchoBehindSidecar::start().await;
 
-    let sender = within(
-        LIMIT,
-        "connect over TCP",
-        connect(listen, &server_tls.ca, &peer_tls),
-    )
-    .await
-    .expect("TLS + HTTP/2 to the inbound's TCP port");
+    let sender = peer_connection(listen, &server_tls, &peer_tls).await;
     // Not a multiple of any frame size, so a lost or repeated chunk shows.
     let payload = pattern(70_001);
     let request = EchoRequest {
@@ -267,13 +272,7 @@ async fn a_peer_over_tcp_gets_its_exact_bytes_back_and_is_counted_as_an_http2_co
 
     // Shutting down with an idle fallback connection open: the sidecar's GOAWAY ends it at
     // once, so the process exits well within its 10 s drain instead of waiting it out.
-    let sender = within(
-        LIMIT,
-        "connect again",
-        connect(listen, &server_tls.ca, &peer_tls),
-    )
-    .await
-    .expect("TLS + HTTP/2 to the inbound's TCP port");
+    let sender = peer_connection(listen, &server_tls, &peer_tls).await;
     let answer = within(
         LIMIT,
         "second call",
@@ -461,13 +460,7 @@ async fn a_peer_cancelling_over_http2_cancels_the_app_call_at_once() {
         listen,
         ..
     } = EchoBehindSidecar::start().await;
-    let sender = within(
-        LIMIT,
-        "connect over TCP",
-        connect(listen, &server_tls.ca, &peer_tls),
-    )
-    .await
-    .expect("TLS + HTTP/2 to the inbound's TCP port");
+    let sender = peer_connection(listen, &server_tls, &peer_tls).await;
     let mut ready = within(LIMIT, "connection ready", sender.ready())
         .await
         .expect("connection ready");
@@ -585,9 +578,7 @@ async fn a_peer_flooding_headers_over_http2_is_cut_off_and_counted() {
     )
     .await;
     // A well-behaved peer is still served.
-    let sender = within(LIMIT, "connect", connect(listen, &server_tls.ca, &peer_tls))
-        .await
-        .expect("TLS + HTTP/2");
+    let sender = peer_connection(listen, &server_tls, &peer_tls).await;
     let answer = within(
         LIMIT,
         "a call after the flood",

@@ -17,8 +17,7 @@ use integration::echo_server::spawn_echo_server;
 use integration::harness::{
     echo_client, free_tcp_addr, free_udp_addr, next_loopback_ip, within, Sidecar, TlsFiles,
 };
-use integration::pb::EchoRequest;
-use security_common::{metric, mounted, python, tls_yaml, wait_metric};
+use security_common::{metric, mounted, one_call, python, tls_yaml, wait_metric};
 
 const LIMIT: Duration = Duration::from_secs(60);
 /// The promise: a new set is in use within this long of the swap.
@@ -62,16 +61,6 @@ fn client_config(
         "outbound:\n  - listen: {listen}\n    name: echo\n    endpoints: [{{address: {server}, node: node-a, zone: z1, pod: echo-pod}}]\n{}\nadmin: {{listen: {admin}}}\n",
         tls_yaml(tls)
     )
-}
-
-async fn one_call(app: SocketAddr) -> Result<String, tonic::Status> {
-    let mut client = echo_client(app).await;
-    let mut request = tonic::Request::new(EchoRequest::default());
-    request.set_timeout(Duration::from_secs(5));
-    client
-        .unary(request)
-        .await
-        .map(|reply| reply.into_inner().server)
 }
 
 /// Starts a client sidecar and returns it with its app address.

@@ -16,8 +16,7 @@ use integration::echo_server::spawn_echo_server;
 use integration::harness::{
     echo_client, free_tcp_addr, free_udp_addr, next_loopback_ip, within, Sidecar,
 };
-use integration::pb::EchoRequest;
-use security_common::{metric, mounted, peers_script, python, tls_yaml};
+use security_common::{metric, mounted, one_call, peers_script, python, tls_yaml};
 
 const LEAF_LIFETIME_S: u64 = 45;
 const ROTATE_EVERY: Duration = Duration::from_secs(8);
@@ -43,16 +42,6 @@ fn issue(ca: &Path, mount: &Path) {
     let args = issue_args(ca, mount);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     python("certs.py", &args);
-}
-
-async fn one_call(app: SocketAddr) -> Result<String, tonic::Status> {
-    let mut client = echo_client(app).await;
-    let mut request = tonic::Request::new(EchoRequest::default());
-    request.set_timeout(Duration::from_secs(5));
-    client
-        .unary(request)
-        .await
-        .map(|reply| reply.into_inner().server)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

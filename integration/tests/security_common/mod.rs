@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use integration::harness::{http_get, metric_sum, sidecar_binary, TlsFiles};
+use integration::harness::{echo_client, http_get, metric_sum, sidecar_binary, TlsFiles};
+use integration::pb::EchoRequest;
 
 /// A helper script under `integration/peers/`.
 pub fn peers_script(name: &str) -> PathBuf {
@@ -103,4 +104,15 @@ pub async fn wait_metric(
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// One unary call through the outbound listener at `app` (5 s deadline): the pod that answered.
+pub async fn one_call(app: SocketAddr) -> Result<String, tonic::Status> {
+    let mut client = echo_client(app).await;
+    let mut request = tonic::Request::new(EchoRequest::default());
+    request.set_timeout(Duration::from_secs(5));
+    client
+        .unary(request)
+        .await
+        .map(|reply| reply.into_inner().server)
 }

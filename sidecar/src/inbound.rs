@@ -1041,7 +1041,10 @@ async fn handle_call<S, B>(
     // The app normally honours grpc-timeout itself; enforcing it here as well makes sure the app
     // sees a cancellation (RST_STREAM) when the deadline passes, even for a call whose client
     // side has already finished sending and so cannot be reset by the peer any more.
-    let exchange = async {
+    //
+    // Boxed: the exchange is most of the call's state, and unboxed it would be copied whole into
+    // this future and again into the deadline's timeout (see `outbound::call::AttemptStep::run`).
+    let exchange = Box::pin(async {
         let Some(opened) = unless_cancelled(&mut send, app.open(app_request, false)).await else {
             return;
         };
@@ -1055,7 +1058,7 @@ async fn handle_call<S, B>(
         // The request body flows to the app while the response is awaited. The pump stops,
         // resetting the app's stream, once this exchange ends or is abandoned.
         let (_stop_request, stop) = oneshot::channel::<()>();
-        start_pump(async move {
+        start_pump(Box::pin(async move {
             tokio::select! {
                 end = pump_into_h2(request_body, &mut app_send) => {
                     if !matches!(end, PumpEnd::Complete) {
@@ -1064,7 +1067,7 @@ async fn handle_call<S, B>(
                 }
                 _ = stop => app_send.send_reset(h2::Reason::CANCEL),
             }
-        })
+        }))
         .await;
         let Some(response) = unless_cancelled(&mut send, app.response(response)).await else {
             return;
@@ -1101,7 +1104,7 @@ async fn handle_call<S, B>(
             PumpEnd::Complete => {}
             end => tracing::debug!(?end, "response to peer ended early"),
         }
-    };
+    });
     match deadline {
         None => exchange.await,
         Some(at) => {

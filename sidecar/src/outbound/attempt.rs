@@ -204,12 +204,22 @@ pub async fn attempt(
         stop,
         upstream_name: upstream.name.clone(),
     };
+    // Boxed, like the attempt itself (see `AttemptStep::run`): the exchange is most of an
+    // attempt's state, and `within` would otherwise move it twice more.
     let answer = match pooled.sender {
         PeerSender::H3(sender) => {
-            within(target.headers_by, exchange.over_h3(sender, request)).await
+            within(
+                target.headers_by,
+                Box::pin(exchange.over_h3(sender, request)),
+            )
+            .await
         }
         PeerSender::H2(sender) => {
-            within(target.headers_by, exchange.over_h2(sender, request)).await
+            within(
+                target.headers_by,
+                Box::pin(exchange.over_h2(sender, request)),
+            )
+            .await
         }
     };
     let (head, body) = match answer {
@@ -342,7 +352,7 @@ impl Exchange {
             mut stop,
             upstream_name,
         } = self;
-        start_pump(async move {
+        start_pump(Box::pin(async move {
             let ended = {
                 let pump = source.send_into(&mut send);
                 tokio::pin!(pump);
@@ -358,7 +368,7 @@ impl Exchange {
                 }
                 Err(code) => send.reset(code),
             }
-        })
+        }))
         .await;
     }
 }

@@ -226,7 +226,11 @@ impl AttemptStep<'_> {
             per_attempt,
             connect_patience: may_move_on.then_some(crate::wire::quic::CONNECT_PATIENCE),
         };
-        let result = attempt(
+        // Boxed: a future holds every future it awaits inline, and each is copied whole when
+        // built and moved, level by level (handle_call, this step, the listener's task). The
+        // attempt is most of a call's state; boxed, it is copied once and the levels above stay
+        // small (profiled at 128 calls in flight: such copies were ~4% of the sidecar's CPU).
+        let result = Box::pin(attempt(
             target,
             self.call,
             self.source.clone(),
@@ -234,7 +238,7 @@ impl AttemptStep<'_> {
             CallRecord {
                 labels: self.labels,
             },
-        )
+        ))
         .await;
         self.upstream
             .metrics

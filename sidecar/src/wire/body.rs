@@ -443,11 +443,10 @@ impl Body for H2RecvBody {
 /// Runs a request pump: polled once right here, in the caller's task, then spawned only if it
 /// still has work. A request whose body has already arrived (most unary calls) is then written
 /// before the caller yields, so it leaves with its headers in one packet and needs no task.
-pub async fn start_pump<F>(pump: F)
-where
-    F: Future<Output = ()> + Send + 'static,
-{
-    let mut pump = Box::pin(pump);
+///
+/// The pump comes boxed by the caller: built straight into its box, it is copied once, where a
+/// pump passed by value would be copied into this future and then again into a box.
+pub async fn start_pump(mut pump: Pin<Box<dyn Future<Output = ()> + Send>>) {
     let finished = std::future::poll_fn(|cx| Poll::Ready(pump.as_mut().poll(cx).is_ready())).await;
     if !finished {
         tokio::spawn(pump);

@@ -9,6 +9,9 @@
 //!   cancelled when the caller cancels, not at the call's deadline.
 //! - **Stopping a receive half is always safe.** Reads are polled on the stream itself, not
 //!   through a boxed read future that owns it, so `stop_sending` works while a read is pending.
+//! - **One write per frame.** h3 hands over a frame as its header and its payload; written as
+//!   two slices, quinn copies each into its own buffer and locks the connection and wakes its
+//!   driver twice. Gathered into one buffer here, quinn takes it as it is: one copy, one lock.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -420,8 +423,10 @@ impl quic::RecvStream for QuicRecv {
 pub struct QuicSend<B: Buf> {
     stream: quinn::SendStream,
     id: StreamId,
-    /// The frame h3 handed over and `poll_ready` is still writing.
-    writing: Option<WriteBuf<B>>,
+    /// What is left of the frame h3 handed over, which `poll_ready` is still writing.
+    writing: Option<Bytes>,
+    /// h3's frame payload type, copied into `writing` as it arrives.
+    payload: std::marker::PhantomData<fn(B)>,
     /// Where this stream's STOP_SENDING watch waits, removed when the stream is dropped.
     watched_in: Option<Arc<StopWatches>>,
 }
@@ -432,6 +437,7 @@ impl<B: Buf> QuicSend<B> {
             id: h3_stream_id(stream.id())?,
             stream,
             writing: None,
+            payload: std::marker::PhantomData,
             watched_in: None,
         })
     }
@@ -458,10 +464,13 @@ impl<B: Buf> Drop for QuicSend<B> {
 impl<B: Buf> quic::SendStream<B> for QuicSend<B> {
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), StreamErrorIncoming>> {
         if let Some(frame) = &mut self.writing {
-            while frame.has_remaining() {
-                let written = ready!(Pin::new(&mut self.stream).poll_write(cx, frame.chunk()))
-                    .map_err(write_error)?;
-                frame.advance(written);
+            while !frame.is_empty() {
+                // quinn leaves in the chunk what flow control did not take, and writes nothing
+                // when it returns pending, so polling a fresh write each time loses nothing.
+                let mut chunks = [std::mem::take(frame)];
+                let polled = std::pin::pin!(self.stream.write_chunks(&mut chunks)).poll(cx);
+                *frame = std::mem::take(&mut chunks[0]);
+                ready!(polled).map_err(write_error)?;
             }
             self.writing = None;
         }
@@ -477,7 +486,8 @@ impl<B: Buf> quic::SendStream<B> for QuicSend<B> {
                 ),
             });
         }
-        self.writing = Some(data.into());
+        let mut frame: WriteBuf<B> = data.into();
+        self.writing = Some(frame.copy_to_bytes(frame.remaining()));
         Ok(())
     }
 

@@ -15,6 +15,8 @@
 //! with the link clean and with random loss on it (1% each way by default), so the share of
 //! throughput a setup keeps under loss comes from the same processes in the same run.
 
+#[path = "../bench/allocations.rs"]
+mod allocations;
 #[path = "../bench/load.rs"]
 mod load;
 #[path = "../bench/procs.rs"]
@@ -104,6 +106,11 @@ struct Args {
     /// List the scenarios and exit.
     #[arg(long)]
     list: bool,
+    /// Instead of the scenarios: count heap allocations per call in each sidecar (uprobes on
+    /// the allocator, read by `perf stat`; needs root and perf), for unary calls at c=1 and
+    /// c=128 (256 B) and c=1 (64 KiB). Measures no time. `--duration` sets each count's window.
+    #[arg(long)]
+    allocations: bool,
 }
 
 /// Durations and sizes after defaults and --quick are applied.
@@ -666,6 +673,119 @@ fn record(
     }
 }
 
+/// `--allocations`: heap allocations per call in each sidecar, for a few call shapes, each
+/// counted over `duration` seconds of a closed loop after the warm-up.
+async fn count_allocations(
+    args: &Args,
+    context: &Context,
+    dir: &Path,
+    sidecar_binary: &Path,
+    echo_binary: &Path,
+    duration: f64,
+) -> anyhow::Result<Value> {
+    if let Some(why) = allocations::unavailable() {
+        bail!("--allocations cannot run here: {why}");
+    }
+    let warmup = Duration::from_secs_f64(args.warmup.unwrap_or(0.5));
+    let measure = Duration::from_secs_f64(duration);
+    let echo = EchoProcess::start(echo_binary, dir, None)?;
+    let setup = procs::start_setup(
+        SetupKind::Sidecar,
+        context,
+        &dir.join("sidecar"),
+        &echo,
+        None,
+    )
+    .await?;
+    let probes = allocations::Probes::add(sidecar_binary)?;
+    println!(
+        "heap allocations per call in each sidecar ({} uprobes in {}, counted by perf stat over {:.1} s per row; calls slow down under the probes, so no time is measured)",
+        allocations::ENTRY_POINTS.join(", "),
+        sidecar_binary.display(),
+        measure.as_secs_f64()
+    );
+    println!(
+        "call shape              calls   {}",
+        setup
+            .sides
+            .iter()
+            .map(|s| format!("{:>18}", s.name))
+            .collect::<String>()
+    );
+    let mut rows = Vec::new();
+    for (label, concurrency, size) in [
+        ("unary 256 B, c=1", 1, SMALL),
+        ("unary 256 B, c=128", 128, SMALL),
+        ("unary 64 KiB, c=1", 1, LARGE),
+    ] {
+        let mut counters = Vec::new();
+        for side in &setup.sides {
+            counters.push(allocations::Counter::attach(
+                side.pid,
+                &probes.events(),
+                dir,
+                side.name,
+            )?);
+        }
+        let mut switch_failure = None;
+        let outcome = load::closed_loop(
+            setup.target,
+            concurrency,
+            payload(size),
+            warmup,
+            measure,
+            &mut |mark| {
+                let command = match mark {
+                    Mark::Start => "enable",
+                    Mark::End => "disable",
+                    Mark::StreamsOpen => return,
+                };
+                for counter in &mut counters {
+                    if let Err(error) = counter.switch(command) {
+                        switch_failure.get_or_insert(error);
+                    }
+                }
+            },
+        )
+        .await?;
+        if let Some(error) = switch_failure {
+            return Err(error.context(format!("{label}: switching the counters")));
+        }
+        if outcome.errors > 0 || outcome.calls == 0 {
+            bail!(
+                "{label}: {} calls, {} failed ({})",
+                outcome.calls,
+                outcome.errors,
+                outcome.first_error.unwrap_or_default()
+            );
+        }
+        let mut per_side = Vec::new();
+        for (counter, side) in counters.into_iter().zip(&setup.sides) {
+            let allocations = counter.finish()?;
+            per_side.push((side.name, allocations as f64 / outcome.calls as f64));
+        }
+        println!(
+            "{label:<20} {:>9}   {}",
+            outcome.calls,
+            per_side
+                .iter()
+                .map(|(_, per_call)| format!("{per_call:>18.1}"))
+                .collect::<String>()
+        );
+        rows.push(json!({
+            "shape": label,
+            "concurrency": concurrency,
+            "size": size,
+            "calls": outcome.calls,
+            "per_side": per_side
+                .iter()
+                .map(|(name, per_call)| json!({"side": name, "allocations_per_call": per_call}))
+                .collect::<Vec<_>>(),
+        }));
+    }
+    Ok(Value::Array(rows))
+}
+
 async fn run(args: Args, sidecar_binary: PathBuf, echo_binary: PathBuf) -> anyhow::Result<bool> {
     let plan = Plan {
         rounds: args.rounds.unwrap_or(if args.quick { 1 } else { 3 }).max(1),
@@ -709,6 +829,31 @@ async fn run(args: Args, sidecar_binary: PathBuf, echo_binary: PathBuf) -> anyho
         .tempdir()?;
     let certs = integration::harness::generate_certs(&dir.path().join("certs"), &[]);
     let context = Context::new(certs, args.sidecar_threads)?;
+    if args.allocations {
+        let counts = count_allocations(
+            &args,
+            &context,
+            dir.path(),
+            &sidecar_binary,
+            &echo_binary,
+            duration,
+        )
+        .await?;
+        if let Some(path) = &args.json {
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            let document = json!({
+                "machine": machine_info(),
+                "args": std::env::args().skip(1).collect::<Vec<_>>(),
+                "allocations_per_call": counts,
+            });
+            std::fs::write(path, serde_json::to_string_pretty(&document)? + "\n")
+                .with_context(|| format!("write {}", path.display()))?;
+            println!("\nwrote {}", path.display());
+        }
+        return Ok(true);
+    }
     let ticks = procs::clock_ticks_per_second();
 
     let machine = machine_info();

@@ -409,6 +409,18 @@ async fn repeated_metadata_keys_keep_every_value_in_order() {
     .expect("raw unary call");
     let trailers = raw.trailers.clone().expect("a normal reply has trailers");
     assert_eq!(trailers.get("grpc-status").unwrap(), "0");
+    // The upstream sidecar leaves the app's Date off the hop; the app still gets one, dated by
+    // its own sidecar (RFC 9110's IMF-fixdate: "Fri, 27 Nov 2026 16:42:34 GMT").
+    let date = raw
+        .headers
+        .get("date")
+        .map(|v| v.to_str().unwrap_or_default().to_owned());
+    assert!(
+        date.as_deref()
+            .is_some_and(|d| d.len() == 29 && d.ends_with(" GMT")),
+        "response headers carry a Date: {date:?}"
+    );
+    assert_eq!(raw.headers.get_all("date").iter().count(), 1, "one Date");
     for (place, map) in [("headers", &raw.headers), ("trailers", &trailers)] {
         let values: Vec<_> = map.get_all("x-echo-multi").iter().collect();
         assert_eq!(values, ["first", "second", "third"], "{place}");

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use smallvec::SmallVec;
 use tokio::sync::watch;
 
 use crate::config::{LocalityConfig, OutlierDetection, Tier};
@@ -328,7 +329,9 @@ impl Ranking {
         if !self.band.enabled {
             return 0;
         }
-        let available: Vec<spill::TierSample> = self
+        // Inline up to a few tiers (there are rarely more than node, zone and any): this runs
+        // for every pick, and a heap allocation per call here bought nothing.
+        let available: SmallVec<[spill::TierSample; 4]> = self
             .tiers
             .iter()
             .filter_map(|(_, members)| tier_sample(members))
@@ -343,13 +346,18 @@ impl Ranking {
         let smoothed = memory.smoothed;
         drop(memory);
         if depth != before {
-            let endpoints: Vec<usize> = available.iter().map(|tier| tier.endpoints).collect();
-            self.log_spill(before, depth, smoothed, &endpoints);
+            self.log_spill(before, depth, smoothed, &available);
         }
         depth
     }
 
-    fn log_spill(&self, before: usize, depth: usize, offered: f64, available: &[usize]) {
+    fn log_spill(
+        &self,
+        before: usize,
+        depth: usize,
+        offered: f64,
+        available: &[spill::TierSample],
+    ) {
         let direction = if depth > before { "out" } else { "back" };
         crate::metrics::metrics()
             .spill_changes
@@ -425,7 +433,7 @@ impl Ranking {
         skip_ejected: bool,
         depth: usize,
     ) -> Option<Arc<RankedEndpoint>> {
-        let mut candidates: Vec<&Arc<RankedEndpoint>> = Vec::new();
+        let mut candidates: SmallVec<[&Arc<RankedEndpoint>; 8]> = SmallVec::new();
         let mut tiers_joined = 0;
         for (_, members) in &self.tiers {
             let before = candidates.len();

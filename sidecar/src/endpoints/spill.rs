@@ -70,8 +70,12 @@ impl Default for SpillMemory {
 }
 
 /// The load per endpoint if `offered` were spread over the first `tiers` available tiers.
-pub fn load_per_endpoint(offered: f64, endpoints_per_tier: &[usize], tiers: usize) -> f64 {
-    let endpoints: usize = endpoints_per_tier.iter().take(tiers).sum();
+pub fn load_per_endpoint(offered: f64, available: &[TierSample], tiers: usize) -> f64 {
+    let endpoints: usize = available
+        .iter()
+        .take(tiers)
+        .map(|tier| tier.endpoints)
+        .sum();
     if endpoints == 0 {
         return f64::INFINITY;
     }
@@ -122,24 +126,21 @@ pub fn step(
     memory.smoothed += (raw - memory.smoothed) * weight;
     memory.smoothed_at_best += (at_best - memory.smoothed_at_best) * weight;
     memory.last_update = Some(now);
-    let endpoints_per_tier: Vec<usize> = tiers.iter().map(|tier| tier.endpoints).collect();
-    let endpoints_per_tier = endpoints_per_tier.as_slice();
-    let deepest = endpoints_per_tier.len().saturating_sub(1);
+    let deepest = tiers.len().saturating_sub(1);
     if !band.enabled || deepest == 0 {
         memory.depth = 0;
         memory.low_since = None;
         return 0;
     }
     memory.depth = memory.depth.min(deepest);
-    let in_use = load_per_endpoint(memory.smoothed, endpoints_per_tier, memory.depth + 1);
+    let in_use = load_per_endpoint(memory.smoothed, tiers, memory.depth + 1);
     if in_use > band.high && memory.depth < deepest {
         memory.depth += 1;
         memory.low_since = None;
         return memory.depth;
     }
     if memory.depth > 0 {
-        let one_fewer =
-            load_per_endpoint(memory.smoothed_at_best, endpoints_per_tier, memory.depth);
+        let one_fewer = load_per_endpoint(memory.smoothed_at_best, tiers, memory.depth);
         if one_fewer < band.low {
             let since = *memory.low_since.get_or_insert(now);
             if now.saturating_duration_since(since) >= SETTLE {

@@ -87,8 +87,11 @@ pub enum Scan {
 pub struct HeaderScan {
     /// Bytes seen so far.
     seen: u64,
-    /// The frame header being read (type and length varints), when one is incomplete.
-    head: Vec<u8>,
+    /// The frame header being read (type and length varints), when one is incomplete: two
+    /// varints of at most 8 bytes each, held inline so a scan allocates nothing.
+    head: [u8; 16],
+    /// How many bytes of `head` are filled.
+    head_len: usize,
     /// Payload bytes of the current frame still to come.
     left: u64,
     /// Whether the current frame is the HEADERS frame.
@@ -133,17 +136,22 @@ impl HeaderScan {
                 return (counted, Scan::Pending);
             }
             // A frame header: type and length, at most 16 bytes; taken a byte at a time.
-            self.head.push(data[0]);
+            // Both varints are complete by the 16th byte, so a slot is always free here.
+            if let Some(slot) = self.head.get_mut(self.head_len) {
+                *slot = data[0];
+                self.head_len += 1;
+            }
             data = &data[1..];
             self.seen += 1;
             counted += 1;
-            let Some((kind, used)) = varint(&self.head) else {
+            let head = &self.head[..self.head_len];
+            let Some((kind, used)) = varint(head) else {
                 continue;
             };
-            let Some((length, _)) = varint(&self.head[used..]) else {
+            let Some((length, _)) = varint(&head[used..]) else {
                 continue;
             };
-            self.head.clear();
+            self.head_len = 0;
             let announced = self.seen.saturating_add(length);
             if announced > limit {
                 return (counted, Scan::TooLarge { announced });

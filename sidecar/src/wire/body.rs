@@ -535,17 +535,18 @@ where
 }
 
 /// Sends `data` as the app's flow-control window allows, waiting for window updates.
+///
+/// The last chunk goes to h2 at once: it is already in memory and nothing follows it, so
+/// there is nothing to hold back, and h2 queues what the window does not yet allow (it never
+/// sends past the window). Waiting for capacity first cost a scheduler turn, and with it a task
+/// of its own for nearly every unary call's request pump.
 async fn send_within_window(
     send: &mut h2::SendStream<Bytes>,
     mut data: Bytes,
     end_of_stream: bool,
 ) -> Result<(), String> {
-    if data.is_empty() {
-        return if end_of_stream {
-            send.send_data(data, true).map_err(|e| e.to_string())
-        } else {
-            Ok(())
-        };
+    if end_of_stream {
+        return send.send_data(data, true).map_err(|e| e.to_string());
     }
     while !data.is_empty() {
         send.reserve_capacity(data.len());
@@ -558,8 +559,7 @@ async fn send_within_window(
             continue;
         }
         let chunk = data.split_to(available.min(data.len()));
-        send.send_data(chunk, end_of_stream && data.is_empty())
-            .map_err(|e| e.to_string())?;
+        send.send_data(chunk, false).map_err(|e| e.to_string())?;
     }
     Ok(())
 }

@@ -5,6 +5,7 @@
 //! arrives with what a direct call would give. The harness starts real sidecar processes with
 //! real certificates and sockets, so the tests check what a user of the binary would see.
 
+pub mod allocations;
 pub mod cluster;
 pub mod echo_server;
 pub mod fake_kube;

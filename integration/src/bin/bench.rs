@@ -15,8 +15,6 @@
 //! with the link clean and with random loss on it (1% each way by default), so the share of
 //! throughput a setup keeps under loss comes from the same processes in the same run.
 
-#[path = "../bench/allocations.rs"]
-mod allocations;
 #[path = "../bench/load.rs"]
 mod load;
 #[path = "../bench/procs.rs"]
@@ -35,6 +33,7 @@ use bytes::Bytes;
 use clap::Parser;
 use serde_json::{json, Value};
 
+use integration::allocations;
 use integration::netns::{Fault, NetNode};
 use load::Mark;
 use procs::{Context, EchoProcess, RunningSetup, SetupKind};

@@ -33,11 +33,7 @@ const ATTACH_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Why this mode cannot run here, if it cannot: uprobes need root and `perf`.
 pub fn unavailable() -> Option<String> {
-    let root = Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
-    if !root {
+    if !crate::harness::running_as_root() {
         return Some("uprobes need root".into());
     }
     let perf_runs = Command::new("perf")
@@ -218,8 +214,9 @@ impl Counter {
 /// The sum of the counts in `perf stat -x,` output (events that never fired read
 /// `<not counted>` and add nothing).
 pub fn count_events(text: &str) -> u64 {
+    let event_prefix = format!("{GROUP}:");
     text.lines()
-        .filter(|line| line.contains(&format!("{GROUP}:")))
+        .filter(|line| line.contains(&event_prefix))
         .filter_map(|line| line.split(',').next()?.trim().parse::<u64>().ok())
         .sum()
 }

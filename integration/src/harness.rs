@@ -129,6 +129,14 @@ pub fn next_loopback_ip() -> Ipv4Addr {
     Ipv4Addr::new(127, a, b, c)
 }
 
+/// Whether this process runs as root (namespaces, nftables and uprobes need it).
+pub fn running_as_root() -> bool {
+    std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
 /// A TCP address of its own for one listener: a fresh [`next_loopback_ip`] and a port that was
 /// free on it a moment ago. No other address this process hands out shares the IP, so the port
 /// is still free when the sidecar binds it, however many tests run in parallel.

@@ -133,11 +133,7 @@ const LOSSY_PREFIX: &str = "lossy-";
 
 /// Why the lossy-link scenarios cannot run here (they need root, `ip` and `nft`), if so.
 fn lossy_unavailable() -> Option<String> {
-    let root = std::process::Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
-    if !root {
+    if !integration::harness::running_as_root() {
         return Some("not root".into());
     }
     let missing: Vec<&str> = ["ip", "nft"]

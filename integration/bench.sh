@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs the benchmark: the locality-sidecar pair side by side with a direct call, an HAProxy pair
 # and an nginx pair (see BENCHMARKS.md). Arguments go to the benchmark (`--quick`, `--only`,
-# `--setups`, `--duration`, `--json`, `--svg`, `--allocations`, `--help`).
+# `--setups`, `--duration`, `--json`, `--svg`, `--allocations`, `--instructions`, `--help`).
 #
 # Builds every release binary (the sidecar and echo server are separate processes under test),
 # installs HAProxy and nginx from Debian when they are missing and this shell may install

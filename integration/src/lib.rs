@@ -10,6 +10,7 @@ pub mod cluster;
 pub mod echo_server;
 pub mod fake_kube;
 pub mod harness;
+pub mod instructions;
 pub mod load;
 pub mod netns;
 

@@ -108,8 +108,13 @@ struct Args {
     /// Instead of the scenarios: count heap allocations per call in each sidecar (uprobes on
     /// the allocator, read by `perf stat`; needs root and perf), for unary calls at c=1 and
     /// c=128 (256 B) and c=1 (64 KiB). Measures no time. `--duration` sets each count's window.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "instructions")]
     allocations: bool,
+    /// Instead of the scenarios: count user-space instructions per call in each sidecar, for
+    /// the same call shapes, with the sidecars run under valgrind's callgrind (needs valgrind).
+    /// Unlike CPU time on a shared machine, the count repeats within about a percent.
+    #[arg(long)]
+    instructions: bool,
 }
 
 /// Durations and sizes after defaults and --quick are applied.
@@ -668,9 +673,47 @@ fn record(
     }
 }
 
-/// `--allocations`: heap allocations per call in each sidecar, for a few call shapes, each
-/// counted over `duration` seconds of a closed loop after the warm-up.
-async fn count_allocations(
+/// What `--allocations` or `--instructions` counts in each sidecar.
+enum Meter {
+    /// Heap allocations: uprobes on the allocator, read by `perf stat`.
+    Allocations(allocations::Probes),
+    /// Instructions: the sidecars run under callgrind.
+    Instructions,
+}
+
+/// One sidecar's count over one call shape's measured window.
+enum WindowCounter {
+    Perf(allocations::Counter),
+    Callgrind(integration::instructions::Counter),
+}
+
+impl WindowCounter {
+    fn start(&mut self) -> anyhow::Result<()> {
+        match self {
+            WindowCounter::Perf(counter) => counter.switch("enable"),
+            WindowCounter::Callgrind(counter) => counter.start(),
+        }
+    }
+
+    fn stop(&mut self) -> anyhow::Result<()> {
+        match self {
+            WindowCounter::Perf(counter) => counter.switch("disable"),
+            WindowCounter::Callgrind(counter) => counter.stop(),
+        }
+    }
+
+    fn finish(self) -> anyhow::Result<u64> {
+        match self {
+            WindowCounter::Perf(counter) => counter.finish(),
+            WindowCounter::Callgrind(counter) => counter.finish(),
+        }
+    }
+}
+
+/// `--allocations` and `--instructions`: a count per call in each sidecar, for a few call
+/// shapes, each counted over `duration` seconds of a closed loop after the warm-up. With
+/// `--instructions` the sidecar binary is already the callgrind launcher (see `main`).
+async fn count_per_call(
     args: &Args,
     context: &Context,
     dir: &Path,
@@ -678,9 +721,6 @@ async fn count_allocations(
     echo_binary: &Path,
     duration: f64,
 ) -> anyhow::Result<Value> {
-    if let Some(why) = allocations::unavailable() {
-        bail!("--allocations cannot run here: {why}");
-    }
     let warmup = Duration::from_secs_f64(args.warmup.unwrap_or(0.5));
     let measure = Duration::from_secs_f64(duration);
     let echo = EchoProcess::start(echo_binary, dir, None)?;
@@ -692,13 +732,25 @@ async fn count_allocations(
         None,
     )
     .await?;
-    let probes = allocations::Probes::add(sidecar_binary)?;
-    println!(
-        "heap allocations per call in each sidecar ({} uprobes in {}, counted by perf stat over {:.1} s per row; calls slow down under the probes, so no time is measured)",
-        allocations::ENTRY_POINTS.join(", "),
-        sidecar_binary.display(),
-        measure.as_secs_f64()
-    );
+    let (meter, unit) = if args.instructions {
+        println!(
+            "instructions per call in each sidecar (user space, counted by valgrind's callgrind over {:.1} s per row; the sidecars run about five times slower under it, so no time is measured)",
+            measure.as_secs_f64()
+        );
+        (Meter::Instructions, "instructions_per_call")
+    } else {
+        if let Some(why) = allocations::unavailable() {
+            bail!("--allocations cannot run here: {why}");
+        }
+        let probes = allocations::Probes::add(sidecar_binary)?;
+        println!(
+            "heap allocations per call in each sidecar ({} uprobes in {}, counted by perf stat over {:.1} s per row; calls slow down under the probes, so no time is measured)",
+            allocations::ENTRY_POINTS.join(", "),
+            sidecar_binary.display(),
+            measure.as_secs_f64()
+        );
+        (Meter::Allocations(probes), "allocations_per_call")
+    };
     println!(
         "call shape              calls   {}",
         setup
@@ -715,12 +767,17 @@ async fn count_allocations(
     ] {
         let mut counters = Vec::new();
         for side in &setup.sides {
-            counters.push(allocations::Counter::attach(
-                side.pid,
-                &probes.events(),
-                dir,
-                side.name,
-            )?);
+            counters.push(match &meter {
+                Meter::Allocations(probes) => WindowCounter::Perf(allocations::Counter::attach(
+                    side.pid,
+                    &probes.events(),
+                    dir,
+                    side.name,
+                )?),
+                Meter::Instructions => {
+                    WindowCounter::Callgrind(integration::instructions::Counter::new(side.pid))
+                }
+            });
         }
         let mut switch_failure = None;
         let outcome = load::closed_loop(
@@ -730,13 +787,13 @@ async fn count_allocations(
             warmup,
             measure,
             &mut |mark| {
-                let command = match mark {
-                    Mark::Start => "enable",
-                    Mark::End => "disable",
-                    Mark::StreamsOpen => return,
-                };
                 for counter in &mut counters {
-                    if let Err(error) = counter.switch(command) {
+                    let switched = match mark {
+                        Mark::Start => counter.start(),
+                        Mark::End => counter.stop(),
+                        Mark::StreamsOpen => Ok(()),
+                    };
+                    if let Err(error) = switched {
                         switch_failure.get_or_insert(error);
                     }
                 }
@@ -756,15 +813,16 @@ async fn count_allocations(
         }
         let mut per_side = Vec::new();
         for (counter, side) in counters.into_iter().zip(&setup.sides) {
-            let allocations = counter.finish()?;
-            per_side.push((side.name, allocations as f64 / outcome.calls as f64));
+            let counted = counter.finish()?;
+            per_side.push((side.name, counted as f64 / outcome.calls as f64));
         }
+        let width = if args.instructions { 0 } else { 1 };
         println!(
             "{label:<20} {:>9}   {}",
             outcome.calls,
             per_side
                 .iter()
-                .map(|(_, per_call)| format!("{per_call:>18.1}"))
+                .map(|(_, per_call)| format!("{per_call:>18.width$}"))
                 .collect::<String>()
         );
         rows.push(json!({
@@ -774,10 +832,11 @@ async fn count_allocations(
             "calls": outcome.calls,
             "per_side": per_side
                 .iter()
-                .map(|(name, per_call)| json!({"side": name, "allocations_per_call": per_call}))
+                .map(|(name, per_call)| json!({"side": name, unit: per_call}))
                 .collect::<Vec<_>>(),
         }));
     }
+    drop(meter);
     Ok(Value::Array(rows))
 }
 
@@ -824,8 +883,13 @@ async fn run(args: Args, sidecar_binary: PathBuf, echo_binary: PathBuf) -> anyho
         .tempdir()?;
     let certs = integration::harness::generate_certs(&dir.path().join("certs"), &[]);
     let context = Context::new(certs, args.sidecar_threads)?;
-    if args.allocations {
-        let counts = count_allocations(
+    if args.allocations || args.instructions {
+        let key = if args.instructions {
+            "instructions_per_call"
+        } else {
+            "allocations_per_call"
+        };
+        let counts = count_per_call(
             &args,
             &context,
             dir.path(),
@@ -841,7 +905,7 @@ async fn run(args: Args, sidecar_binary: PathBuf, echo_binary: PathBuf) -> anyho
             let document = json!({
                 "machine": machine_info(),
                 "args": std::env::args().skip(1).collect::<Vec<_>>(),
-                "allocations_per_call": counts,
+                key: counts,
             });
             std::fs::write(path, serde_json::to_string_pretty(&document)? + "\n")
                 .with_context(|| format!("write {}", path.display()))?;
@@ -1023,6 +1087,37 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
+    // --instructions: the harness starts the sidecar through a launcher that runs it under
+    // callgrind. Set, like the variable above, before any thread exists; the directory holding
+    // the launcher lives until the run ends.
+    let mut _launcher_dir = None;
+    let sidecar_binary = if args.instructions {
+        let launcher = integration::instructions::unavailable()
+            .map_or(Ok(()), |why| {
+                Err(anyhow::anyhow!("--instructions cannot run here: {why}"))
+            })
+            .and_then(|()| {
+                let dir = tempfile::Builder::new()
+                    .prefix("locality-callgrind-")
+                    .tempdir()?;
+                let launcher =
+                    integration::instructions::write_launcher(dir.path(), &sidecar_binary)?;
+                _launcher_dir = Some(dir);
+                Ok(launcher)
+            });
+        match launcher {
+            Ok(launcher) => {
+                std::env::set_var("LOCALITY_SIDECAR_BIN", &launcher);
+                launcher
+            }
+            Err(error) => {
+                eprintln!("bench: {error:#}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        sidecar_binary
+    };
     if !exe_dir.ends_with("release") {
         eprintln!(
             "bench: WARNING: not a release build ({}); figures will not mean much",

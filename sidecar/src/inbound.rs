@@ -57,6 +57,25 @@ const H3_NO_ERROR: u32 = 0x100;
 /// The request header that tells the app who called: the caller's verified SPIFFE ID. Absent
 /// when the caller's certificate carries none. A copy sent by the caller is always removed.
 pub const PEER_IDENTITY_HEADER: &str = "x-locality-sidecar-peer-identity";
+/// [`PEER_IDENTITY_HEADER`] as a name: a lookup by `&str` parses the name on every call.
+const PEER_IDENTITY_NAME: http::HeaderName = http::HeaderName::from_static(PEER_IDENTITY_HEADER);
+
+/// Who calls over one peer connection, worked out once per connection rather than per call: the
+/// SPIFFE ID its certificate carries (what `inbound.allow` checks) and that ID as the value of
+/// [`PEER_IDENTITY_HEADER`].
+struct Caller {
+    identity: Option<Arc<str>>,
+    header: Option<http::HeaderValue>,
+}
+
+impl Caller {
+    fn new(identity: Option<Arc<str>>) -> Caller {
+        let header = identity
+            .as_deref()
+            .and_then(|id| http::HeaderValue::from_str(id).ok());
+        Caller { identity, header }
+    }
+}
 
 /// Who may call, and how much one peer may make us hold.
 pub struct Guard {
@@ -513,6 +532,7 @@ async fn serve_connection(
     identity: Option<Arc<str>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let caller = Arc::new(Caller::new(identity));
     let remote = connection.remote_address();
     let limits = &guard.limits;
     let budget = HeaderBudget::new(
@@ -573,7 +593,7 @@ async fn serve_connection(
         };
         let app = app.clone();
         let guard = guard.clone();
-        let identity = identity.clone();
+        let caller = caller.clone();
         let open = calls.subscribe();
         let per_peer = per_peer.clone();
         let header_timeout = guard.limits.header_timeout;
@@ -594,7 +614,7 @@ async fn serve_connection(
                     };
                     let body = H3RecvBody::new(recv);
                     let send = H3Responder::new(send, stopped);
-                    handle_call(request, send, body, &app, &guard, identity.as_deref()).await;
+                    handle_call(request, send, body, &app, &guard, &caller).await;
                 }
                 Ok(Err(error)) => tracing::debug!(%remote, %error, "peer request unreadable"),
                 Err(_) => {
@@ -752,6 +772,7 @@ async fn serve_h2_connection(
     identity: Option<Arc<str>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let caller = Arc::new(Caller::new(identity));
     let per_peer = Gate::new(guard.per_peer);
     let mut draining = false;
     loop {
@@ -787,14 +808,14 @@ async fn serve_h2_connection(
         };
         let app = app.clone();
         let guard = guard.clone();
-        let identity = identity.clone();
+        let caller = caller.clone();
         // Boxed like the QUIC path's calls: the future is large.
         tokio::spawn(Box::pin(async move {
             let (parts, body) = request.into_parts();
             let request = Request::from_parts(parts, ());
             let send = H2Responder::new(respond);
             let body = H2PeerRecvBody::new(body);
-            handle_call(request, send, body, &app, &guard, identity.as_deref()).await;
+            handle_call(request, send, body, &app, &guard, &caller).await;
             drop(place);
         }));
     }
@@ -990,13 +1011,13 @@ async fn handle_call<S, B>(
     request_body: B,
     app: &AppClient,
     guard: &Guard,
-    identity: Option<&str>,
+    caller: &Caller,
 ) where
     S: PeerResponder,
     B: Body<Data = Bytes> + Unpin + Send + 'static,
     B::Error: std::error::Error + Send + 'static,
 {
-    if let Verdict::Denied(message) = guard.authorize(identity) {
+    if let Verdict::Denied(message) = guard.authorize(caller.identity.as_deref()) {
         metrics().inbound_denied.inc();
         metrics()
             .inbound_calls
@@ -1015,7 +1036,7 @@ async fn handle_call<S, B>(
         .map(|timeout| arrived + timeout);
     let (mut parts, ()) = request.into_parts();
     strip_hop_by_hop(&mut parts.headers);
-    set_peer_identity(&mut parts.headers, identity);
+    set_peer_identity(&mut parts.headers, caller.header.clone());
     let mut uri = http::uri::Parts::default();
     uri.scheme = Some(Scheme::HTTP);
     uri.authority = Some(app.authority.clone());
@@ -1147,10 +1168,10 @@ async fn unless_cancelled<S: H3Send, T>(
 
 /// Puts the caller's verified identity in [`PEER_IDENTITY_HEADER`], replacing whatever the caller
 /// sent under that name (every copy), so the app can trust it.
-fn set_peer_identity(headers: &mut http::HeaderMap, identity: Option<&str>) {
-    headers.remove(PEER_IDENTITY_HEADER);
-    if let Some(value) = identity.and_then(|id| http::HeaderValue::from_str(id).ok()) {
-        headers.insert(PEER_IDENTITY_HEADER, value);
+fn set_peer_identity(headers: &mut http::HeaderMap, identity: Option<http::HeaderValue>) {
+    headers.remove(PEER_IDENTITY_NAME);
+    if let Some(value) = identity {
+        headers.insert(PEER_IDENTITY_NAME, value);
     }
 }
 
@@ -1308,7 +1329,8 @@ mod tests {
         let mut headers = http::HeaderMap::new();
         headers.append(PEER_IDENTITY_HEADER, "spiffe://forged/a".parse().unwrap());
         headers.append(PEER_IDENTITY_HEADER, "spiffe://forged/b".parse().unwrap());
-        set_peer_identity(&mut headers, Some("spiffe://td/ns/x/sa/y"));
+        let caller = Caller::new(Some(Arc::from("spiffe://td/ns/x/sa/y")));
+        set_peer_identity(&mut headers, caller.header.clone());
         let values: Vec<_> = headers.get_all(PEER_IDENTITY_HEADER).iter().collect();
         assert_eq!(values, vec!["spiffe://td/ns/x/sa/y"]);
         set_peer_identity(&mut headers, None);

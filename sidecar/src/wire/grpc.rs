@@ -4,11 +4,12 @@
 
 use std::time::Duration;
 
-use http::{HeaderMap, HeaderValue};
+use http::{HeaderMap, HeaderName, HeaderValue};
 
-pub const GRPC_TIMEOUT: &str = "grpc-timeout";
-pub const GRPC_STATUS: &str = "grpc-status";
-pub const GRPC_MESSAGE: &str = "grpc-message";
+// Names, not strings: a lookup by `&str` parses and validates the name on every call.
+pub const GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
+pub const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+pub const GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
 
 /// The 17 gRPC status codes (the numbers are the wire values).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -274,8 +275,16 @@ const HOP_BY_HOP: [&str; 6] = [
 ];
 
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    for name in HOP_BY_HOP {
-        headers.remove(name);
+    // Peers almost never send one. Comparing the few names a call carries is cheaper than six
+    // lookups, each of which parses and hashes its name, so the map is searched only when one
+    // is there.
+    if headers
+        .keys()
+        .any(|name| HOP_BY_HOP.contains(&name.as_str()))
+    {
+        for name in HOP_BY_HOP {
+            headers.remove(name);
+        }
     }
 }
 

@@ -36,13 +36,8 @@ pub fn unavailable() -> Option<String> {
     if !crate::harness::running_as_root() {
         return Some("uprobes need root".into());
     }
-    let perf_runs = Command::new("perf")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    (!perf_runs).then(|| "perf is not installed (Debian: apt-get install -y linux-perf)".into())
+    (!crate::harness::tool_runs("perf"))
+        .then(|| "perf is not installed (Debian: apt-get install -y linux-perf)".into())
 }
 
 fn perf_probe(args: &[&str], binary: Option<&Path>) -> anyhow::Result<()> {

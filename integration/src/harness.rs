@@ -137,6 +137,17 @@ pub fn running_as_root() -> bool {
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
 }
 
+/// Whether `program --version` runs and succeeds: how the benchmark's counting modes check
+/// for the tools they drive (`perf`, `valgrind`).
+pub fn tool_runs(program: &str) -> bool {
+    std::process::Command::new(program)
+        .arg("--version")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
 /// A TCP address of its own for one listener: a fresh [`next_loopback_ip`] and a port that was
 /// free on it a moment ago. No other address this process hands out shares the IP, so the port
 /// is still free when the sidecar binds it, however many tests run in parallel.

@@ -13,22 +13,16 @@
 //! end. Nothing in the sidecar is built differently for it.
 
 use std::{
+    os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::Command,
 };
 
 use anyhow::{bail, Context as _};
 
 /// Why this mode cannot run here, if it cannot.
 pub fn unavailable() -> Option<String> {
-    let runs = |program: &str| {
-        Command::new(program)
-            .arg("--version")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    };
+    let runs = crate::harness::tool_runs;
     (!runs("valgrind") || !runs("callgrind_control"))
         .then(|| "valgrind is not installed (Debian: apt-get install -y valgrind)".into())
 }
@@ -44,10 +38,8 @@ pub fn write_launcher(dir: &Path, sidecar: &Path) -> anyhow::Result<PathBuf> {
     );
     let path = dir.join("locality-sidecar-under-callgrind");
     std::fs::write(&path, script).with_context(|| format!("write {}", path.display()))?;
-    let status = Command::new("chmod").arg("+x").arg(&path).status()?;
-    if !status.success() {
-        bail!("chmod +x {} failed", path.display());
-    }
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))
+        .with_context(|| format!("make {} executable", path.display()))?;
     Ok(path)
 }
 

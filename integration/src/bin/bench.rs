@@ -673,6 +673,15 @@ fn record(
     }
 }
 
+/// The JSON name of what `--allocations` or `--instructions` counts.
+fn count_key(args: &Args) -> &'static str {
+    if args.instructions {
+        "instructions_per_call"
+    } else {
+        "allocations_per_call"
+    }
+}
+
 /// What `--allocations` or `--instructions` counts in each sidecar.
 enum Meter {
     /// Heap allocations: uprobes on the allocator, read by `perf stat`.
@@ -732,12 +741,13 @@ async fn count_per_call(
         None,
     )
     .await?;
-    let (meter, unit) = if args.instructions {
+    let unit = count_key(args);
+    let meter = if args.instructions {
         println!(
             "instructions per call in each sidecar (user space, counted by valgrind's callgrind over {:.1} s per row; the sidecars run about five times slower under it, so no time is measured)",
             measure.as_secs_f64()
         );
-        (Meter::Instructions, "instructions_per_call")
+        Meter::Instructions
     } else {
         if let Some(why) = allocations::unavailable() {
             bail!("--allocations cannot run here: {why}");
@@ -749,7 +759,7 @@ async fn count_per_call(
             sidecar_binary.display(),
             measure.as_secs_f64()
         );
-        (Meter::Allocations(probes), "allocations_per_call")
+        Meter::Allocations(probes)
     };
     println!(
         "call shape              calls   {}",
@@ -836,7 +846,6 @@ async fn count_per_call(
                 .collect::<Vec<_>>(),
         }));
     }
-    drop(meter);
     Ok(Value::Array(rows))
 }
 
@@ -884,11 +893,7 @@ async fn run(args: Args, sidecar_binary: PathBuf, echo_binary: PathBuf) -> anyho
     let certs = integration::harness::generate_certs(&dir.path().join("certs"), &[]);
     let context = Context::new(certs, args.sidecar_threads)?;
     if args.allocations || args.instructions {
-        let key = if args.instructions {
-            "instructions_per_call"
-        } else {
-            "allocations_per_call"
-        };
+        let key = count_key(&args);
         let counts = count_per_call(
             &args,
             &context,
@@ -1054,6 +1059,19 @@ async fn run(args: Args, sidecar_binary: PathBuf, echo_binary: PathBuf) -> anyho
         .all(|r| !matches!(r.status, Status::Failed(_))))
 }
 
+/// `--instructions`: a launcher that runs `sidecar` under callgrind, in a directory of its own
+/// that must outlive the run.
+fn callgrind_launcher(sidecar: &Path) -> anyhow::Result<(tempfile::TempDir, PathBuf)> {
+    if let Some(why) = integration::instructions::unavailable() {
+        bail!("--instructions cannot run here: {why}");
+    }
+    let dir = tempfile::Builder::new()
+        .prefix("locality-callgrind-")
+        .tempdir()?;
+    let launcher = integration::instructions::write_launcher(dir.path(), sidecar)?;
+    Ok((dir, launcher))
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
     if args.list {
@@ -1092,22 +1110,10 @@ fn main() -> ExitCode {
     // the launcher lives until the run ends.
     let mut _launcher_dir = None;
     let sidecar_binary = if args.instructions {
-        let launcher = integration::instructions::unavailable()
-            .map_or(Ok(()), |why| {
-                Err(anyhow::anyhow!("--instructions cannot run here: {why}"))
-            })
-            .and_then(|()| {
-                let dir = tempfile::Builder::new()
-                    .prefix("locality-callgrind-")
-                    .tempdir()?;
-                let launcher =
-                    integration::instructions::write_launcher(dir.path(), &sidecar_binary)?;
-                _launcher_dir = Some(dir);
-                Ok(launcher)
-            });
-        match launcher {
-            Ok(launcher) => {
+        match callgrind_launcher(&sidecar_binary) {
+            Ok((dir, launcher)) => {
                 std::env::set_var("LOCALITY_SIDECAR_BIN", &launcher);
+                _launcher_dir = Some(dir);
                 launcher
             }
             Err(error) => {

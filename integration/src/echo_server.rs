@@ -70,6 +70,9 @@ pub fn pattern(len: usize) -> Bytes {
 pub struct EchoState {
     calls_started: AtomicU64,
     calls_cancelled: AtomicU64,
+    /// Calls whose request lacked `te: trailers`, which gRPC over HTTP/2 requires (some stacks,
+    /// gRPC C-core among them, refuse such calls).
+    calls_without_te_trailers: AtomicU64,
     /// When the last cancellation was seen, so a test can tell how long it took to arrive.
     last_cancellation: std::sync::Mutex<Option<std::time::Instant>>,
     stream_bytes: AtomicU64,
@@ -84,6 +87,11 @@ impl EchoState {
     /// Calls that reached the server (any method, counted when the request headers arrive).
     pub fn calls_started(&self) -> u64 {
         self.calls_started.load(Ordering::SeqCst)
+    }
+
+    /// Calls that arrived without `te: trailers`: a proxy in front dropped it.
+    pub fn calls_without_te_trailers(&self) -> u64 {
+        self.calls_without_te_trailers.load(Ordering::SeqCst)
     }
 
     /// Calls that ended before the server finished its response: the handler or the response
@@ -577,6 +585,16 @@ impl hyper::service::Service<http::Request<Incoming>> for EchoHttp {
 
     fn call(&self, mut request: http::Request<Incoming>) -> Self::Future {
         let mut guard = CallGuard::new(self.state.clone());
+        if request
+            .headers()
+            .get(http::header::TE)
+            .map(|te| te.as_bytes())
+            != Some(b"trailers")
+        {
+            self.state
+                .calls_without_te_trailers
+                .fetch_add(1, Ordering::SeqCst);
+        }
         let echoed: Vec<(HeaderName, HeaderValue)> = request
             .headers()
             .iter()

@@ -79,6 +79,13 @@ async fn unary_payload_arrives_byte_identical() {
     assert_eq!(reply.payload, payload);
     assert_eq!(reply.server, SERVER_NAME);
     assert_eq!(reply.sequence, 0);
+    // The hop between the sidecars leaves `te` off; the app must still get it.
+    assert_eq!(pipeline.echo.state().calls_started(), 1);
+    assert_eq!(
+        pipeline.echo.state().calls_without_te_trailers(),
+        0,
+        "the app got a call without te: trailers, which gRPC over HTTP/2 requires"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -72,4 +72,9 @@ async fn python_grpcio_client_gets_every_call_shape_through_the_sidecars() {
         calls,
         "calls the app received vs calls the Python client made"
     );
+    assert_eq!(
+        pipeline.echo.state().calls_without_te_trailers(),
+        0,
+        "calls that reached the app without te: trailers"
+    );
 }

@@ -1036,6 +1036,7 @@ async fn handle_call<S, B>(
         .map(|timeout| arrived + timeout);
     let (mut parts, ()) = request.into_parts();
     strip_hop_by_hop(&mut parts.headers);
+    grpc::require_trailers(&mut parts.headers);
     set_peer_identity(&mut parts.headers, caller.header.clone());
     let mut uri = http::uri::Parts::default();
     uri.scheme = Some(Scheme::HTTP);
@@ -1101,12 +1102,7 @@ async fn handle_call<S, B>(
             }
         };
         app.note_answered();
-        metrics()
-            .inbound_calls
-            .get_or_create(&StatusLabels {
-                status: "FORWARDED",
-            })
-            .inc();
+        metrics().count_inbound_forwarded();
         let (mut parts, body) = response.into_parts();
         // The caller's sidecar serves the app over HTTP/2 and dates the response itself when it
         // carries no Date (RFC 9110, section 6.6.1: a forwarding recipient appends one), from the

@@ -164,6 +164,9 @@ pub struct Metrics {
     pub inbound_limited: Family<LimitLabels, Counter>,
     seen_methods: Mutex<HashSet<Arc<str>>>,
     other_method: Arc<str>,
+    /// `inbound_calls{status="FORWARDED"}`, what nearly every inbound call ends in, resolved on
+    /// first use rather than looked up per call.
+    inbound_forwarded: OnceLock<Counter>,
 }
 
 /// Distinct method label values kept before new ones are reported as `other`.
@@ -410,6 +413,7 @@ impl Metrics {
             endpoints,
             seen_methods: Mutex::new(HashSet::new()),
             other_method: Arc::from("other"),
+            inbound_forwarded: OnceLock::new(),
         }
     }
 
@@ -427,6 +431,19 @@ impl Metrics {
             Format::OpenMetrics => self.encode(),
             Format::Classic => exposition::to_classic(&self.encode()),
         }
+    }
+
+    /// Counts an inbound call handed to the app (`inbound_calls{status="FORWARDED"}`).
+    pub fn count_inbound_forwarded(&self) {
+        self.inbound_forwarded
+            .get_or_init(|| {
+                self.inbound_calls
+                    .get_or_create(&StatusLabels {
+                        status: "FORWARDED",
+                    })
+                    .clone()
+            })
+            .inc();
     }
 
     /// The `method` label for a call path: the path itself while the number of distinct methods

@@ -18,12 +18,11 @@ use tokio::time::{Instant, Sleep};
 
 use crate::config::service_config::ThrottlingPolicy;
 use crate::endpoints::ranking::{InFlight, RankedEndpoint};
-use crate::metrics::{metrics, CallLabels};
 use crate::outbound::decide::Pushback;
 use crate::outbound::replay::RequestSource;
+use crate::outbound::upstream::CallRecord;
 use crate::outbound::upstream::Upstream;
 use crate::wire::body::{start_pump, H3RecvBody, H3Send, PumpEnd, StreamFailure};
-use crate::wire::grpc::status_name;
 use crate::wire::grpc::{self, Code};
 use crate::wire::h2_peer::{self, H2PeerRecvBody, H2PeerSend};
 use crate::wire::h3_quic::QuicRecv;
@@ -395,18 +394,6 @@ impl Body for PeerBody {
             PeerBody::H3(body) => body.is_end_stream(),
             PeerBody::H2(body) => body.is_end_stream(),
         }
-    }
-}
-
-/// The call's labels, recorded once its final status is known (at the end of a streamed body).
-pub struct CallRecord {
-    pub labels: CallLabels,
-}
-
-impl CallRecord {
-    pub fn finish(mut self, code: u32) {
-        self.labels.status = status_name(code);
-        metrics().calls.get_or_create(&self.labels).inc();
     }
 }
 

@@ -15,17 +15,15 @@ use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use crate::config::service_config::HedgingPolicy;
+use crate::config::Tier;
 use crate::endpoints::ranking::{RankedEndpoint, Ranking};
-use crate::metrics::{metrics, AttemptLabels, CallLabels};
-use crate::outbound::attempt::{
-    attempt, AttemptOutcome, AttemptTarget, CallRecord, CallRequest, ResponseBody,
-};
+use crate::outbound::attempt::{attempt, AttemptOutcome, AttemptTarget, CallRequest, ResponseBody};
 use crate::outbound::decide::{
     after_hedged_attempt, decide, CallPolicy, CallState, Decision, Facts, Health, HedgeStep, Next,
     Outcome,
 };
 use crate::outbound::replay::{RequestSource, PER_CALL_LIMIT};
-use crate::outbound::upstream::Upstream;
+use crate::outbound::upstream::{CallRecord, Upstream};
 use crate::wire::grpc::{self, Code};
 
 fn failure_response(code: Code, message: &str) -> Response<ResponseBody> {
@@ -72,6 +70,7 @@ pub async fn handle_call(
     let outlier = upstream.policy.borrow().outlier.clone();
     let mut headers = parts.headers;
     grpc::strip_hop_by_hop(&mut headers);
+    grpc::leave_te_off_the_hop(&mut headers);
     let call = CallRequest {
         method: parts.method,
         path,
@@ -79,17 +78,12 @@ pub async fn handle_call(
         deadline: policy.deadline,
     };
     let source = RequestSource::new(body, PER_CALL_LIMIT, upstream.replay_budget.clone());
-    let method_label = metrics().method_label(call.path.path());
-    let labels = |tier: &'static str| CallLabels {
-        upstream: upstream.name.clone(),
-        method: method_label.clone(),
-        status: "OK",
-        tier,
-    };
+    let method = upstream.metrics.method(call.path.path());
+    let record = |tier: Option<Tier>| method.record(tier);
 
     if let Some(hedging) = &policy.hedging {
         return hedged_call(
-            &upstream, &call, &source, &policy, hedging, &labels, arrived,
+            &upstream, &call, &source, &policy, hedging, &record, arrived,
         )
         .await;
     }
@@ -107,7 +101,7 @@ pub async fn handle_call(
             None => {
                 let message = format!("upstream {}: no ready endpoint", upstream.name);
                 let response = failure_response(Code::Unavailable, &message);
-                (Outcome::NoEndpoint, Some(response), "none")
+                (Outcome::NoEndpoint, Some(response), None)
             }
             Some(endpoint) => {
                 count_fallthrough(&upstream, previous.as_deref(), endpoint);
@@ -122,12 +116,12 @@ pub async fn handle_call(
                     call: &call,
                     source: &source,
                     policy: &policy,
-                    labels: labels(endpoint.tier.as_str()),
+                    record: record(Some(endpoint.tier)),
                 };
                 let (outcome, response) = step
                     .run(endpoint.clone(), state.counted_attempts, may_move_on)
                     .await;
-                (outcome, response, endpoint.tier.as_str())
+                (outcome, response, Some(endpoint.tier))
             }
         };
         previous = picked.clone();
@@ -155,7 +149,7 @@ pub async fn handle_call(
         }
         match decision.next {
             Next::Respond => {
-                return respond(&upstream, &labels(tier), arrived, response, outcome);
+                return respond(&upstream, record(tier), arrived, response, outcome);
             }
             Next::RetryNow => {
                 upstream.metrics.transparent_retries.inc();
@@ -187,7 +181,7 @@ pub async fn handle_call(
                     let response = failure_response(Code::DeadlineExceeded, &message);
                     return respond(
                         &upstream,
-                        &labels("none"),
+                        record(None),
                         arrived,
                         Some(response),
                         Outcome::DeadlineExceeded,
@@ -204,7 +198,7 @@ struct AttemptStep<'a> {
     call: &'a CallRequest,
     source: &'a Arc<RequestSource>,
     policy: &'a CallPolicy,
-    labels: CallLabels,
+    record: CallRecord,
 }
 
 impl AttemptStep<'_> {
@@ -235,20 +229,16 @@ impl AttemptStep<'_> {
             self.call,
             self.source.clone(),
             previous_attempts,
-            CallRecord {
-                labels: self.labels,
-            },
+            self.record,
         ))
         .await;
         self.upstream
             .metrics
             .attempt_duration(endpoint.tier)
             .observe(started.elapsed().as_secs_f64());
-        count_attempt(
-            &self.upstream.name,
-            endpoint.tier.as_str(),
-            result.status_label(),
-        );
+        self.upstream
+            .metrics
+            .count_attempt(endpoint.tier, result.status_label());
         classify(result)
     }
 }
@@ -266,7 +256,7 @@ async fn hedged_call(
     source: &Arc<RequestSource>,
     policy: &CallPolicy,
     hedging: &HedgingPolicy,
-    labels: &(dyn Fn(&'static str) -> CallLabels + Sync),
+    record: &(dyn Fn(Option<Tier>) -> CallRecord + Sync),
     arrived: Instant,
 ) -> Response<ResponseBody> {
     use futures::stream::{FuturesUnordered, StreamExt};
@@ -277,7 +267,7 @@ async fn hedged_call(
     let mut tried: Vec<SocketAddr> = Vec::new();
     let mut first: Option<SocketAddr> = None;
     let mut sent = 0u32;
-    let mut last: Option<(Outcome, Option<Response<ResponseBody>>, &'static str)> = None;
+    let mut last: Option<(Outcome, Option<Response<ResponseBody>>, Tier)> = None;
     let mut next_hedge = Instant::now();
     loop {
         // Throttling and the replay buffer decide whether another attempt may go out at all.
@@ -301,12 +291,12 @@ async fn hedged_call(
                         upstream.throttle.record_failure(throttling);
                     }
                 }
-                let tier = endpoint.tier.as_str();
+                let tier = endpoint.tier;
                 if outcome == Outcome::Committed {
                     if first != Some(endpoint.endpoint.address) {
                         upstream.metrics.hedges_won.inc();
                     }
-                    return respond(upstream, &labels(tier), arrived, response, outcome);
+                    return respond(upstream, record(Some(tier)), arrived, response, outcome);
                 }
                 let step = after_hedged_attempt(hedging, outcome, sent, running.len(), can_send);
                 last = Some((outcome, response, tier));
@@ -329,7 +319,7 @@ async fn hedged_call(
                     call,
                     source,
                     policy,
-                    labels: labels(endpoint.tier.as_str()),
+                    record: record(Some(endpoint.tier)),
                 };
                 let previous_attempts = sent;
                 running.push(Box::pin(async move {
@@ -345,13 +335,13 @@ async fn hedged_call(
     }
     match last {
         Some((outcome, response, tier)) => {
-            respond(upstream, &labels(tier), arrived, response, outcome)
+            respond(upstream, record(Some(tier)), arrived, response, outcome)
         }
         None => {
             let message = format!("upstream {}: no ready endpoint", upstream.name);
             respond(
                 upstream,
-                &labels("none"),
+                record(None),
                 arrived,
                 Some(failure_response(Code::Unavailable, &message)),
                 Outcome::NoEndpoint,
@@ -441,22 +431,11 @@ fn apply_health(
     }
 }
 
-fn count_attempt(upstream: &Arc<str>, tier: &'static str, status: &'static str) {
-    metrics()
-        .attempts
-        .get_or_create(&AttemptLabels {
-            upstream: upstream.clone(),
-            tier,
-            status,
-        })
-        .inc();
-}
-
 /// Answers the app. A streamed response records its call when its body ends; anything else is
 /// recorded here.
 fn respond(
     upstream: &Upstream,
-    labels: &CallLabels,
+    record: CallRecord,
     arrived: Instant,
     response: Option<Response<ResponseBody>>,
     outcome: Outcome,
@@ -474,10 +453,7 @@ fn respond(
             .headers()
             .get(grpc::GRPC_STATUS)
             .map_or(Code::Unknown, Code::from_header);
-        CallRecord {
-            labels: labels.clone(),
-        }
-        .finish(code as u32);
+        record.finish(code as u32);
     }
     response
 }

@@ -3,8 +3,9 @@
 //! its caps on calls in flight, and its metric series, resolved once here rather than looked up
 //! on every attempt.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::Histogram;
@@ -14,9 +15,10 @@ use crate::config::service_config::ThrottlingPolicy;
 use crate::config::Tier;
 use crate::endpoints::ranking::RankingWatch;
 use crate::limits::{admit, Gate, Permit};
-use crate::metrics::{metrics, TierLabels};
+use crate::metrics::{metrics, AttemptLabels, CallLabels, TierLabels};
 use crate::outbound::admission::Shed;
 use crate::outbound::replay::ReplayBudget;
+use crate::wire::grpc::{status_name, Code};
 use crate::wire::quic::ConnectionPool;
 
 /// One configured upstream: its endpoints, the live policy, and how to reach them.
@@ -62,7 +64,12 @@ pub fn admission_gate(name: &str, limit: usize) -> Arc<Gate> {
 
 /// This upstream's metric series. Counters and histograms are shared handles: incrementing a
 /// clone increments the registered series.
+///
+/// The per-call series (`calls` and `attempts`) are labelled by status as well, so they cannot
+/// all be resolved up front; the OK ones, which nearly every call ends in, are resolved on first
+/// use and kept, because a family lookup hashes and compares every label on every call.
 pub struct UpstreamMetrics {
+    name: Arc<str>,
     pub retries: Counter,
     pub transparent_retries: Counter,
     pub retries_throttled: Counter,
@@ -73,6 +80,67 @@ pub struct UpstreamMetrics {
     /// By tier: `[node, zone, any]`.
     fallthroughs: [Counter; 3],
     attempt_duration: [Histogram; 3],
+    /// Attempts answered with response headers (status `OK`), by tier.
+    attempts_ok: [OnceLock<Counter>; 3],
+    /// By method label; bounded by the number of method labels (see `Metrics::method_label`).
+    methods: Mutex<HashMap<Arc<str>, Arc<MethodSeries>>>,
+}
+
+/// The `calls` series of one upstream and method: its labels, and the counters of calls that
+/// end OK by tier, resolved on first use.
+pub struct MethodSeries {
+    upstream: Arc<str>,
+    pub method: Arc<str>,
+    ok: [OnceLock<Counter>; 3],
+}
+
+impl MethodSeries {
+    /// The record of a call answered from `tier` (`None`: by the sidecar itself).
+    pub fn record(self: &Arc<Self>, tier: Option<Tier>) -> CallRecord {
+        CallRecord {
+            series: self.clone(),
+            tier,
+        }
+    }
+
+    fn labels(&self, tier: Option<Tier>, status: &'static str) -> CallLabels {
+        CallLabels {
+            upstream: self.upstream.clone(),
+            method: self.method.clone(),
+            status,
+            tier: tier.map_or("none", Tier::as_str),
+        }
+    }
+}
+
+/// A call's place in the `calls` metric, counted once its final status is known (at the end of
+/// a streamed body).
+pub struct CallRecord {
+    series: Arc<MethodSeries>,
+    tier: Option<Tier>,
+}
+
+impl CallRecord {
+    pub fn finish(self, code: u32) {
+        let series = &self.series;
+        match self.tier {
+            // A call the sidecar answered itself (no tier) never ends OK.
+            Some(tier) if code == Code::Ok as u32 => {
+                series.ok[tier_index(tier)]
+                    .get_or_init(|| {
+                        metrics()
+                            .calls
+                            .get_or_create(&series.labels(Some(tier), "OK"))
+                            .clone()
+                    })
+                    .inc();
+            }
+            tier => {
+                let labels = series.labels(tier, status_name(code));
+                metrics().calls.get_or_create(&labels).inc();
+            }
+        }
+    }
 }
 
 fn tier_index(tier: Tier) -> usize {
@@ -95,6 +163,7 @@ impl UpstreamMetrics {
         };
         let tiers = [Tier::Node, Tier::Zone, Tier::Any];
         UpstreamMetrics {
+            name: name.clone(),
             retries: all.retries.get_or_create(&labels).clone(),
             transparent_retries: all.transparent_retries.get_or_create(&labels).clone(),
             retries_throttled: all.retries_throttled.get_or_create(&labels).clone(),
@@ -105,6 +174,47 @@ impl UpstreamMetrics {
             fallthroughs: tiers.map(|tier| all.fallthroughs.get_or_create(&by_tier(tier)).clone()),
             attempt_duration: tiers
                 .map(|tier| all.attempt_duration.get_or_create(&by_tier(tier)).clone()),
+            attempts_ok: Default::default(),
+            methods: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The `calls` series of this upstream's calls to `path`.
+    pub fn method(&self, path: &str) -> Arc<MethodSeries> {
+        let mut methods = self
+            .methods
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(series) = methods.get(path) {
+            return series.clone();
+        }
+        // Keyed by label, not path: every path past the label cap shares `other`'s entry.
+        let method = metrics().method_label(path);
+        methods
+            .entry(method.clone())
+            .or_insert_with(|| {
+                Arc::new(MethodSeries {
+                    upstream: self.name.clone(),
+                    method,
+                    ok: Default::default(),
+                })
+            })
+            .clone()
+    }
+
+    /// Counts an attempt to `tier` that ended with `status` (the `attempts` metric).
+    pub fn count_attempt(&self, tier: Tier, status: &'static str) {
+        let labels = || AttemptLabels {
+            upstream: self.name.clone(),
+            tier: tier.as_str(),
+            status,
+        };
+        if status == "OK" {
+            self.attempts_ok[tier_index(tier)]
+                .get_or_init(|| metrics().attempts.get_or_create(&labels()).clone())
+                .inc();
+        } else {
+            metrics().attempts.get_or_create(&labels()).inc();
         }
     }
 
@@ -169,6 +279,78 @@ impl RetryThrottle {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The exposition lines of `calls` and `attempts` for upstream `name`.
+    fn series_of(name: &str) -> Vec<String> {
+        let needle = format!("upstream=\"{name}\"");
+        metrics()
+            .encode()
+            .lines()
+            .filter(|line| {
+                (line.starts_with("locality_sidecar_calls_total")
+                    || line.starts_with("locality_sidecar_attempts_total"))
+                    && line.contains(&needle)
+            })
+            .map(str::to_owned)
+            .collect()
+    }
+
+    fn has(series: &[String], wanted: &[&str], value: &str) -> bool {
+        series.iter().any(|line| {
+            wanted.iter().all(|label| line.contains(label)) && line.ends_with(&format!(" {value}"))
+        })
+    }
+
+    #[test]
+    fn resolved_ok_counters_and_looked_up_statuses_land_in_the_same_series() {
+        let name: Arc<str> = Arc::from("resolved-series-test");
+        let upstream = UpstreamMetrics::resolve(&name);
+        let method = upstream.method("/echo.Echo/Unary");
+        assert!(Arc::ptr_eq(&method, &upstream.method("/echo.Echo/Unary")));
+        // Nothing is created before a call ends in it.
+        assert!(series_of(&name).is_empty(), "{:?}", series_of(&name));
+
+        method.record(Some(Tier::Node)).finish(Code::Ok as u32);
+        method.record(Some(Tier::Node)).finish(Code::Ok as u32);
+        method
+            .record(Some(Tier::Zone))
+            .finish(Code::Unavailable as u32);
+        method.record(None).finish(Code::DeadlineExceeded as u32);
+        upstream.count_attempt(Tier::Node, "OK");
+        upstream.count_attempt(Tier::Node, "OK");
+        upstream.count_attempt(Tier::Any, "NOT_SENT");
+
+        let series = series_of(&name);
+        let call = |status: &str, tier: &str, value: &str| {
+            has(
+                &series,
+                &[
+                    "locality_sidecar_calls_total",
+                    "method=\"/echo.Echo/Unary\"",
+                    &format!("status=\"{status}\""),
+                    &format!("tier=\"{tier}\""),
+                ],
+                value,
+            )
+        };
+        assert!(call("OK", "node", "2"), "{series:?}");
+        assert!(call("UNAVAILABLE", "zone", "1"), "{series:?}");
+        assert!(call("DEADLINE_EXCEEDED", "none", "1"), "{series:?}");
+        let attempt = |status: &str, tier: &str, value: &str| {
+            has(
+                &series,
+                &[
+                    "locality_sidecar_attempts_total",
+                    &format!("status=\"{status}\""),
+                    &format!("tier=\"{tier}\""),
+                ],
+                value,
+            )
+        };
+        assert!(attempt("OK", "node", "2"), "{series:?}");
+        assert!(attempt("NOT_SENT", "any", "1"), "{series:?}");
+        assert_eq!(series.len(), 5, "no other series: {series:?}");
+    }
 
     fn policy(max_tokens: u32, milli_ratio: u32) -> ThrottlingPolicy {
         ThrottlingPolicy {

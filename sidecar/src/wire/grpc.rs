@@ -264,6 +264,20 @@ pub fn h2_reason_for_h3_code(code: h3::error::Code) -> h2::Reason {
     }
 }
 
+/// gRPC over HTTP/2 requires `te: trailers` on every request (it tells the server the client
+/// takes trailers, and so no proxy in between drops them). The hop between sidecars leaves it
+/// off, as HTTP/3 allows (RFC 9114, section 4.2): the caller's sidecar removes it and the
+/// serving sidecar, which always speaks gRPC to its app, sets it again. That is one header field
+/// less to QPACK-encode and decode on every call.
+pub fn leave_te_off_the_hop(headers: &mut HeaderMap) {
+    headers.remove(http::header::TE);
+}
+
+/// Sets `te: trailers` on a request to the app (see [`leave_te_off_the_hop`]).
+pub fn require_trailers(headers: &mut HeaderMap) {
+    headers.insert(http::header::TE, HeaderValue::from_static("trailers"));
+}
+
 /// Headers that describe one HTTP hop, not the call; HTTP/2 and HTTP/3 both forbid them.
 const HOP_BY_HOP: [&str; 6] = [
     "connection",

@@ -79,8 +79,33 @@ async fn unary_payload_arrives_byte_identical() {
     assert_eq!(reply.payload, payload);
     assert_eq!(reply.server, SERVER_NAME);
     assert_eq!(reply.sequence, 0);
-    // The hop between the sidecars leaves `te` off; the app must still get it.
-    assert_eq!(pipeline.echo.state().calls_started(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_app_gets_te_trailers_and_no_sidecar_header_reaches_the_caller() {
+    let pipeline = Pipeline::start().await;
+    let mut client = pipeline.client().await;
+    // The first calls on a connection carry `te` across the hop; once the serving sidecar has
+    // said it restores it, the rest do not. The app must get it on every one, and what the
+    // sidecars say to each other must not reach the app's client.
+    for i in 0..5 {
+        let response = within(
+            LIMIT,
+            "unary call",
+            client.unary(echo_request(distinct_payload(i, 64))),
+        )
+        .await
+        .expect("unary call through the sidecars");
+        assert!(
+            response
+                .metadata()
+                .get("locality-sidecar-features")
+                .is_none(),
+            "call {i}: {:?}",
+            response.metadata()
+        );
+    }
+    assert_eq!(pipeline.echo.state().calls_started(), 5);
     assert_eq!(
         pipeline.echo.state().calls_without_te_trailers(),
         0,

@@ -66,6 +66,9 @@ const PEER_IDENTITY_NAME: http::HeaderName = http::HeaderName::from_static(PEER_
 struct Caller {
     identity: Option<Arc<str>>,
     header: Option<http::HeaderValue>,
+    /// Whether a response on this connection said what this sidecar does for the caller's
+    /// (see [`grpc::FEATURES`]); once per connection is enough.
+    features_said: AtomicBool,
 }
 
 impl Caller {
@@ -73,7 +76,11 @@ impl Caller {
         let header = identity
             .as_deref()
             .and_then(|id| http::HeaderValue::from_str(id).ok());
-        Caller { identity, header }
+        Caller {
+            identity,
+            header,
+            features_said: AtomicBool::new(false),
+        }
     }
 }
 
@@ -1109,6 +1116,11 @@ async fn handle_call<S, B>(
         // same kind of once-a-second clock the app used. Not sending the app's saves encoding,
         // compressing and decoding one header per call on the hop.
         parts.headers.remove(http::header::DATE);
+        if !caller.features_said.swap(true, Ordering::Relaxed) {
+            parts
+                .headers
+                .insert(grpc::FEATURES, grpc::FEATURE_RESTORES_TE);
+        }
         let body = H2RecvBody::new(body);
         let trailers_only = body.is_end_stream();
         let response = Response::from_parts(parts, ());

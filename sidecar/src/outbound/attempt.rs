@@ -104,11 +104,13 @@ async fn within<F: Future>(deadline: Option<Instant>, future: F) -> Option<F::Ou
 }
 
 /// The request as the upstream sidecar receives it: the remaining deadline in `grpc-timeout`,
-/// `grpc-previous-rpc-attempts` on retries, our server name as `:authority`.
+/// `grpc-previous-rpc-attempts` on retries, our server name as `:authority`, and `te:
+/// trailers` unless the peer said it restores it (see [`grpc::FEATURES`]).
 fn upstream_request(
     call: &CallRequest,
     authority: &Authority,
     previous_attempts: u32,
+    peer_restores_te: bool,
 ) -> Result<Request<()>, String> {
     let mut uri = http::uri::Parts::default();
     uri.scheme = Some(Scheme::HTTPS);
@@ -129,6 +131,9 @@ fn upstream_request(
             "grpc-previous-rpc-attempts",
             HeaderValue::from(previous_attempts),
         );
+    }
+    if !peer_restores_te {
+        grpc::require_trailers(&mut headers);
     }
     *request.headers_mut() = headers;
     Ok(request)
@@ -185,7 +190,12 @@ pub async fn attempt(
     // Counted as waiting on the connection until response headers arrive: the connection's
     // watchdog judges the peer's silence only while someone waits.
     let waiting = link.waiting();
-    let request = match upstream_request(call, &upstream.authority, previous_attempts) {
+    let request = match upstream_request(
+        call,
+        &upstream.authority,
+        previous_attempts,
+        link.peer_restores_te(),
+    ) {
         Ok(request) => request,
         Err(reason) => {
             return AttemptOutcome::Failed {
@@ -259,6 +269,9 @@ pub async fn attempt(
     drop(waiting);
     in_flight.answered();
     let mut parts = head;
+    if !link.peer_restores_te() && grpc::announces_te(&parts.headers) {
+        link.note_peer_restores_te();
+    }
     crate::wire::grpc::strip_hop_by_hop(&mut parts.headers);
     parts.version = http::Version::HTTP_2;
     if let Some(status) = parts.headers.get(grpc::GRPC_STATUS) {
@@ -528,5 +541,37 @@ impl Drop for UpstreamBody {
     fn drop(&mut self) {
         // Dropped before the end: the app cancelled, so the upstream must hear of it.
         self.finish(H3Code::H3_REQUEST_CANCELLED, Code::Cancelled as u32);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn call() -> CallRequest {
+        let mut headers = HeaderMap::new();
+        headers.insert("x-user", HeaderValue::from_static("kept"));
+        CallRequest {
+            method: Method::POST,
+            path: PathAndQuery::from_static("/echo.Echo/Unary"),
+            headers,
+            deadline: None,
+        }
+    }
+
+    #[test]
+    fn te_goes_to_a_peer_until_it_says_it_restores_it() {
+        let authority = Authority::from_static("locality-sidecar");
+        let to_unknown_peer = upstream_request(&call(), &authority, 0, false).unwrap();
+        assert_eq!(
+            to_unknown_peer.headers().get(http::header::TE),
+            Some(&HeaderValue::from_static("trailers"))
+        );
+        let to_restoring_peer = upstream_request(&call(), &authority, 0, true).unwrap();
+        assert!(!to_restoring_peer.headers().contains_key(http::header::TE));
+        for request in [&to_unknown_peer, &to_restoring_peer] {
+            assert_eq!(request.headers()["x-user"], "kept");
+            assert_eq!(request.uri(), "https://locality-sidecar/echo.Echo/Unary");
+        }
     }
 }

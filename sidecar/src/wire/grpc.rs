@@ -265,33 +265,52 @@ pub fn h2_reason_for_h3_code(code: h3::error::Code) -> h2::Reason {
 }
 
 /// gRPC over HTTP/2 requires `te: trailers` on every request (it tells the server the client
-/// takes trailers, and so no proxy in between drops them). The hop between sidecars leaves it
-/// off, as HTTP/3 allows (RFC 9114, section 4.2): the caller's sidecar removes it and the
-/// serving sidecar, which always speaks gRPC to its app, sets it again. That is one header field
-/// less to QPACK-encode and decode on every call.
+/// takes trailers, so no proxy in between drops them; gRPC C-core servers refuse a call without
+/// it). Between sidecars it is one header field, two Huffman-coded strings, to encode and decode
+/// on every call, and HTTP/3 makes it optional (RFC 9114, section 4.2). So the serving sidecar
+/// always sets it on the request to its app ([`require_trailers`]) and says so in
+/// [`FEATURES`] on its first response on each connection; from then on the calling sidecar
+/// leaves it off requests on that connection. A serving sidecar that never says so (an older
+/// version, mid-rollout) keeps getting it.
+pub const FEATURES: HeaderName = HeaderName::from_static("locality-sidecar-features");
+/// The [`FEATURES`] value of a serving sidecar that sets `te: trailers` itself.
+pub const FEATURE_RESTORES_TE: HeaderValue = HeaderValue::from_static("te");
+
+/// Takes `te` off a request from the app; [`set_te`] puts it back per hop when the peer needs it.
 pub fn leave_te_off_the_hop(headers: &mut HeaderMap) {
     headers.remove(http::header::TE);
 }
 
-/// Sets `te: trailers` on a request to the app (see [`leave_te_off_the_hop`]).
+/// Sets `te: trailers` on a request: to the app, or to a peer sidecar that does not restore it.
 pub fn require_trailers(headers: &mut HeaderMap) {
     headers.insert(http::header::TE, HeaderValue::from_static("trailers"));
 }
 
+/// Whether a peer sidecar's response says it restores `te` for its app (see [`FEATURES`]).
+pub fn announces_te(headers: &HeaderMap) -> bool {
+    headers.get_all(FEATURES).iter().any(|value| {
+        value
+            .to_str()
+            .is_ok_and(|list| list.split(',').any(|feature| feature.trim() == "te"))
+    })
+}
+
 /// Headers that describe one HTTP hop, not the call; HTTP/2 and HTTP/3 both forbid them.
-const HOP_BY_HOP: [&str; 6] = [
+const HOP_BY_HOP: [&str; 7] = [
     "connection",
     "keep-alive",
     "proxy-connection",
     "transfer-encoding",
     "upgrade",
     "host",
+    // Between sidecars only (see `FEATURES`); never passed on to an app.
+    "locality-sidecar-features",
 ];
 
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Peers almost never send one. Comparing the few names a call carries is cheaper than six
-    // lookups, each of which parses and hashes its name, so the map is searched only when one
-    // is there.
+    // Peers almost never send one. Comparing the few names a call carries is cheaper than a
+    // lookup per listed name, each of which parses and hashes it, so the map is searched only
+    // when one is there.
     if headers
         .keys()
         .any(|name| HOP_BY_HOP.contains(&name.as_str()))
@@ -424,6 +443,28 @@ mod tests {
             Code::Internal,
             "an app's error is not a transport loss"
         );
+    }
+
+    #[test]
+    fn a_peer_restores_te_only_when_its_features_name_it() {
+        let with = |values: &[&'static str]| {
+            let mut headers = HeaderMap::new();
+            for value in values {
+                headers.append(FEATURES, HeaderValue::from_static(value));
+            }
+            announces_te(&headers)
+        };
+        assert!(with(&["te"]));
+        assert!(with(&["later, te"]));
+        assert!(with(&["other", " te "]));
+        assert!(!with(&[]));
+        assert!(!with(&["tea", "t e", ""]));
+        let mut restored = HeaderMap::new();
+        restored.insert(FEATURES, FEATURE_RESTORES_TE);
+        assert!(announces_te(&restored));
+        // The announcement never reaches an app.
+        strip_hop_by_hop(&mut restored);
+        assert!(restored.is_empty());
     }
 
     #[test]

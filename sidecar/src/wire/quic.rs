@@ -238,10 +238,12 @@ fn endpoint_with(
 /// A connection's liveness as the calls on it see it: how many wait for response headers (the
 /// watchdog only judges silence while someone waits), and whether its loss was already counted
 /// against the endpoint, so one dead connection is one failure, not one per call it carried.
+/// Also what the peer sidecar said it does (see [`crate::wire::grpc::announces_te`]).
 #[derive(Debug, Default)]
 pub struct Link {
     waiting: AtomicUsize,
     loss_reported: AtomicBool,
+    peer_restores_te: AtomicBool,
 }
 
 impl Link {
@@ -254,6 +256,16 @@ impl Link {
     /// True for the first call to report this connection lost.
     pub fn first_to_report_loss(&self) -> bool {
         !self.loss_reported.swap(true, Ordering::AcqRel)
+    }
+
+    /// Whether the peer sidecar said it sets `te: trailers` for its app itself, so requests on
+    /// this connection may leave it off.
+    pub fn peer_restores_te(&self) -> bool {
+        self.peer_restores_te.load(Ordering::Relaxed)
+    }
+
+    pub fn note_peer_restores_te(&self) {
+        self.peer_restores_te.store(true, Ordering::Relaxed);
     }
 }
 

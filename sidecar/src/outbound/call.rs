@@ -23,7 +23,7 @@ use crate::outbound::decide::{
     Outcome,
 };
 use crate::outbound::replay::{RequestSource, PER_CALL_LIMIT};
-use crate::outbound::upstream::{CallRecord, Upstream};
+use crate::outbound::upstream::{CallRecord, MethodSeries, Upstream};
 use crate::wire::grpc::{self, Code};
 
 fn failure_response(code: Code, message: &str) -> Response<ResponseBody> {
@@ -79,11 +79,10 @@ pub async fn handle_call(
     };
     let source = RequestSource::new(body, PER_CALL_LIMIT, upstream.replay_budget.clone());
     let method = upstream.metrics.method(call.path.path());
-    let record = |tier: Option<Tier>| method.record(tier);
 
     if let Some(hedging) = &policy.hedging {
         return hedged_call(
-            &upstream, &call, &source, &policy, hedging, &record, arrived,
+            &upstream, &call, &source, &policy, hedging, &method, arrived,
         )
         .await;
     }
@@ -116,7 +115,7 @@ pub async fn handle_call(
                     call: &call,
                     source: &source,
                     policy: &policy,
-                    record: record(Some(endpoint.tier)),
+                    record: method.record(Some(endpoint.tier)),
                 };
                 let (outcome, response) = step
                     .run(endpoint.clone(), state.counted_attempts, may_move_on)
@@ -149,7 +148,7 @@ pub async fn handle_call(
         }
         match decision.next {
             Next::Respond => {
-                return respond(&upstream, record(tier), arrived, response, outcome);
+                return respond(&upstream, method.record(tier), arrived, response, outcome);
             }
             Next::RetryNow => {
                 upstream.metrics.transparent_retries.inc();
@@ -181,7 +180,7 @@ pub async fn handle_call(
                     let response = failure_response(Code::DeadlineExceeded, &message);
                     return respond(
                         &upstream,
-                        record(None),
+                        method.record(None),
                         arrived,
                         Some(response),
                         Outcome::DeadlineExceeded,
@@ -256,7 +255,7 @@ async fn hedged_call(
     source: &Arc<RequestSource>,
     policy: &CallPolicy,
     hedging: &HedgingPolicy,
-    record: &(dyn Fn(Option<Tier>) -> CallRecord + Sync),
+    method: &Arc<MethodSeries>,
     arrived: Instant,
 ) -> Response<ResponseBody> {
     use futures::stream::{FuturesUnordered, StreamExt};
@@ -296,7 +295,7 @@ async fn hedged_call(
                     if first != Some(endpoint.endpoint.address) {
                         upstream.metrics.hedges_won.inc();
                     }
-                    return respond(upstream, record(Some(tier)), arrived, response, outcome);
+                    return respond(upstream, method.record(Some(tier)), arrived, response, outcome);
                 }
                 let step = after_hedged_attempt(hedging, outcome, sent, running.len(), can_send);
                 last = Some((outcome, response, tier));
@@ -319,7 +318,7 @@ async fn hedged_call(
                     call,
                     source,
                     policy,
-                    record: record(Some(endpoint.tier)),
+                    record: method.record(Some(endpoint.tier)),
                 };
                 let previous_attempts = sent;
                 running.push(Box::pin(async move {
@@ -334,14 +333,18 @@ async fn hedged_call(
         }
     }
     match last {
-        Some((outcome, response, tier)) => {
-            respond(upstream, record(Some(tier)), arrived, response, outcome)
-        }
+        Some((outcome, response, tier)) => respond(
+            upstream,
+            method.record(Some(tier)),
+            arrived,
+            response,
+            outcome,
+        ),
         None => {
             let message = format!("upstream {}: no ready endpoint", upstream.name);
             respond(
                 upstream,
-                record(None),
+                method.record(None),
                 arrived,
                 Some(failure_response(Code::Unavailable, &message)),
                 Outcome::NoEndpoint,

@@ -90,7 +90,7 @@ pub struct UpstreamMetrics {
 /// end OK by tier, resolved on first use.
 pub struct MethodSeries {
     upstream: Arc<str>,
-    pub method: Arc<str>,
+    method: Arc<str>,
     ok: [OnceLock<Counter>; 3],
 }
 

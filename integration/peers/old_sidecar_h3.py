@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
-"""A serving peer that never says it restores `te: trailers`, as a sidecar of an older version
-does in the middle of a rollout; an HTTP/3 server on aioquic (not our stack).
+"""A serving peer that never says it restores `te: trailers` and offers only plain `h3` in the
+handshake, as a sidecar of an older version does in the middle of a rollout; an HTTP/3 server on
+aioquic (not our stack).
 
 It answers every request as a gRPC server would (200, `application/grpc`, one empty message,
-`grpc-status: 0` in trailers) and prints one JSON line per request with the `te` it carried, so
-a test can tell whether the caller's sidecar kept sending it. It prints `listening` once ready.
+`grpc-status: 0` in trailers) and prints one JSON line per request with the `te` and
+`content-type` it carried, so a test can tell whether the caller's sidecar kept sending them.
+It prints `listening` once ready.
 
   old_sidecar_h3.py --listen HOST:PORT --cert CERT --key KEY
 """
@@ -31,8 +33,12 @@ class OldSidecar(QuicConnectionProtocol):
     def quic_event_received(self, event):
         for received in self.h3.handle_event(event):
             if isinstance(received, HeadersReceived):
-                te = dict(received.headers).get(b"te")
-                print(json.dumps({"te": te.decode() if te is not None else None}), flush=True)
+                headers = dict(received.headers)
+                report = {
+                    name: headers[name.encode()].decode() if name.encode() in headers else None
+                    for name in ("te", "content-type")
+                }
+                print(json.dumps(report), flush=True)
             if isinstance(received, (HeadersReceived, DataReceived)) and received.stream_ended:
                 self.answer(received.stream_id)
 

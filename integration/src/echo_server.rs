@@ -73,6 +73,9 @@ pub struct EchoState {
     /// Calls whose request lacked `te: trailers`, which gRPC over HTTP/2 requires (some stacks,
     /// gRPC C-core among them, refuse such calls).
     calls_without_te_trailers: AtomicU64,
+    /// The `content-type` values of each call that did not carry exactly one
+    /// `application/grpc`, in arrival order (an empty list: none at all).
+    other_content_types: std::sync::Mutex<Vec<Vec<String>>>,
     /// When the last cancellation was seen, so a test can tell how long it took to arrive.
     last_cancellation: std::sync::Mutex<Option<std::time::Instant>>,
     stream_bytes: AtomicU64,
@@ -92,6 +95,14 @@ impl EchoState {
     /// Calls that arrived without `te: trailers`: a proxy in front dropped it.
     pub fn calls_without_te_trailers(&self) -> u64 {
         self.calls_without_te_trailers.load(Ordering::SeqCst)
+    }
+
+    /// The `content-type` values of the calls that did not carry exactly one `application/grpc`.
+    pub fn other_content_types(&self) -> Vec<Vec<String>> {
+        self.other_content_types
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
     }
 
     /// Calls that ended before the server finished its response: the handler or the response
@@ -594,6 +605,19 @@ impl hyper::service::Service<http::Request<Incoming>> for EchoHttp {
             self.state
                 .calls_without_te_trailers
                 .fetch_add(1, Ordering::SeqCst);
+        }
+        let content_types: Vec<String> = request
+            .headers()
+            .get_all(http::header::CONTENT_TYPE)
+            .iter()
+            .map(|value| String::from_utf8_lossy(value.as_bytes()).into_owned())
+            .collect();
+        if content_types != ["application/grpc"] {
+            self.state
+                .other_content_types
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .push(content_types);
         }
         let echoed: Vec<(HeaderName, HeaderValue)> = request
             .headers()

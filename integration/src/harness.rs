@@ -724,6 +724,17 @@ pub async fn raw_grpc_call(
     metadata: &HeaderMap,
     body: Bytes,
 ) -> anyhow::Result<RawResponse> {
+    raw_grpc_call_as(addr, path, &["application/grpc"], metadata, body).await
+}
+
+/// [`raw_grpc_call`] with these `content-type` fields (none, several, or unusual ones).
+pub async fn raw_grpc_call_as(
+    addr: SocketAddr,
+    path: &str,
+    content_types: &[&str],
+    metadata: &HeaderMap,
+    body: Bytes,
+) -> anyhow::Result<RawResponse> {
     let stream = TcpStream::connect(addr).await?;
     stream.set_nodelay(true)?;
     let (mut sender, connection) =
@@ -732,9 +743,14 @@ pub async fn raw_grpc_call(
     let mut request = http::Request::builder()
         .method(http::Method::POST)
         .uri(format!("http://{addr}{path}"))
-        .header(http::header::CONTENT_TYPE, "application/grpc")
         .header(http::header::TE, "trailers")
         .body(http_body_util::Full::new(body))?;
+    for content_type in content_types {
+        request.headers_mut().append(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_str(content_type)?,
+        );
+    }
     for (name, value) in metadata {
         request.headers_mut().append(name.clone(), value.clone());
     }

@@ -15,8 +15,8 @@ use integration::{
     echo_server::pattern,
     harness::{
         client_sidecar_config, decode_grpc_frames, free_tcp_addr, free_udp_addr, generate_certs,
-        grpc_frame, http_get, parse_grpc_timeout, raw_grpc_call, within, Pipeline, Sidecar,
-        StaticEndpoint, TlsFiles, SERVER_NAME, SERVER_POD,
+        grpc_frame, http_get, parse_grpc_timeout, raw_grpc_call, raw_grpc_call_as, within,
+        Pipeline, Sidecar, StaticEndpoint, TlsFiles, SERVER_NAME, SERVER_POD,
     },
     pb::{echo_client::EchoClient, EchoReply, EchoRequest},
 };
@@ -111,6 +111,46 @@ async fn the_app_gets_te_trailers_and_no_sidecar_header_reaches_the_caller() {
         0,
         "the app got a call without te: trailers, which gRPC over HTTP/2 requires"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_content_type_reaches_the_app_and_the_caller_exactly_as_sent() {
+    // Between two sidecars gRPC's content type is implied rather than sent; every other form
+    // (a subtype, none, empty ones, several) must still arrive as the app's client sent it.
+    let pipeline = Pipeline::start().await;
+    let sent: [&[&str]; 6] = [
+        &["application/grpc"],
+        &["application/grpc+proto"],
+        &[],
+        &[""],
+        &["", ""],
+        &["application/grpc", "application/grpc+proto"],
+    ];
+    for content_types in sent {
+        let raw = within(
+            LIMIT,
+            "raw unary",
+            raw_grpc_call_as(
+                pipeline.app_addr,
+                "/echo.Echo/Unary",
+                content_types,
+                &HeaderMap::new(),
+                grpc_frame(&EchoRequest::default()),
+            ),
+        )
+        .await
+        .expect("raw unary call");
+        assert_eq!(raw.status, http::StatusCode::OK, "sent {content_types:?}");
+        // The app (tonic) answers every call with exactly one `application/grpc`.
+        let answered: Vec<_> = raw.headers.get_all("content-type").iter().collect();
+        assert_eq!(answered, ["application/grpc"], "sent {content_types:?}");
+    }
+    assert_eq!(pipeline.echo.state().calls_started(), 6);
+    let expected: Vec<Vec<String>> = sent[1..]
+        .iter()
+        .map(|types| types.iter().map(|t| t.to_string()).collect())
+        .collect();
+    assert_eq!(pipeline.echo.state().other_content_types(), expected);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,7 +2,8 @@
 //! leaves `te: trailers` off the hop only once the serving sidecar has said it sets it for its
 //! app itself; a serving peer that never says so (an older sidecar, played by an HTTP/3 server
 //! on aioquic, `integration/peers/old_sidecar_h3.py`) gets it on every request, because apps on
-//! gRPC C-core refuse calls without it.
+//! gRPC C-core refuse calls without it. Likewise gRPC's content type, which two sidecars of this
+//! version imply on the hop, still travels to a peer that offers only plain `h3`.
 
 mod security_common;
 
@@ -64,6 +65,11 @@ async fn a_serving_peer_that_never_says_it_restores_te_gets_it_on_every_request(
         assert_eq!(
             report["te"], "trailers",
             "request {i} reached the old peer without te: trailers"
+        );
+        // Only a peer that agreed on the sidecars' own HTTP/3 in the handshake has it implied.
+        assert_eq!(
+            report["content-type"], "application/grpc",
+            "request {i} reached the old peer without gRPC's content type"
         );
     }
 }

@@ -69,10 +69,13 @@ struct Caller {
     /// Whether a response on this connection said what this sidecar does for the caller's
     /// (see [`grpc::FEATURES`]); once per connection is enough.
     features_said: AtomicBool,
+    /// Whether the handshake settled that both ends imply gRPC's content type (see
+    /// [`grpc::imply_grpc_content_type`]).
+    implies_content_type: bool,
 }
 
 impl Caller {
-    fn new(identity: Option<Arc<str>>) -> Caller {
+    fn new(identity: Option<Arc<str>>, implies_content_type: bool) -> Caller {
         let header = identity
             .as_deref()
             .and_then(|id| http::HeaderValue::from_str(id).ok());
@@ -80,6 +83,7 @@ impl Caller {
             identity,
             header,
             features_said: AtomicBool::new(false),
+            implies_content_type,
         }
     }
 }
@@ -539,7 +543,10 @@ async fn serve_connection(
     identity: Option<Arc<str>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let caller = Arc::new(Caller::new(identity));
+    let caller = Arc::new(Caller::new(
+        identity,
+        crate::wire::quic::speaks_sidecar_h3(&connection),
+    ));
     let remote = connection.remote_address();
     let limits = &guard.limits;
     let budget = HeaderBudget::new(
@@ -779,7 +786,7 @@ async fn serve_h2_connection(
     identity: Option<Arc<str>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let caller = Arc::new(Caller::new(identity));
+    let caller = Arc::new(Caller::new(identity, false));
     let per_peer = Gate::new(guard.per_peer);
     let mut draining = false;
     loop {
@@ -1043,6 +1050,9 @@ async fn handle_call<S, B>(
         .map(|timeout| arrived + timeout);
     let (mut parts, ()) = request.into_parts();
     strip_hop_by_hop(&mut parts.headers);
+    if caller.implies_content_type {
+        grpc::restore_grpc_content_type(&mut parts.headers);
+    }
     grpc::require_trailers(&mut parts.headers);
     set_peer_identity(&mut parts.headers, caller.header.clone());
     let mut uri = http::uri::Parts::default();
@@ -1116,6 +1126,9 @@ async fn handle_call<S, B>(
         // same kind of once-a-second clock the app used. Not sending the app's saves encoding,
         // compressing and decoding one header per call on the hop.
         parts.headers.remove(http::header::DATE);
+        if caller.implies_content_type {
+            grpc::imply_grpc_content_type(&mut parts.headers);
+        }
         if !caller.features_said.swap(true, Ordering::Relaxed) {
             parts
                 .headers
@@ -1337,7 +1350,7 @@ mod tests {
         let mut headers = http::HeaderMap::new();
         headers.append(PEER_IDENTITY_HEADER, "spiffe://forged/a".parse().unwrap());
         headers.append(PEER_IDENTITY_HEADER, "spiffe://forged/b".parse().unwrap());
-        let caller = Caller::new(Some(Arc::from("spiffe://td/ns/x/sa/y")));
+        let caller = Caller::new(Some(Arc::from("spiffe://td/ns/x/sa/y")), false);
         set_peer_identity(&mut headers, caller.header.clone());
         let values: Vec<_> = headers.get_all(PEER_IDENTITY_HEADER).iter().collect();
         assert_eq!(values, vec!["spiffe://td/ns/x/sa/y"]);

@@ -26,6 +26,7 @@ use crate::wire::body::{start_pump, H3RecvBody, H3Send, PumpEnd, StreamFailure};
 use crate::wire::grpc::{self, Code};
 use crate::wire::h2_peer::{self, H2PeerRecvBody, H2PeerSend};
 use crate::wire::h3_quic::QuicRecv;
+use crate::wire::quic::Link;
 use crate::wire::quic::{H3Sender, PeerSender};
 
 type UpstreamRecv = h3::client::RequestStream<QuicRecv, Bytes>;
@@ -104,13 +105,15 @@ async fn within<F: Future>(deadline: Option<Instant>, future: F) -> Option<F::Ou
 }
 
 /// The request as the upstream sidecar receives it: the remaining deadline in `grpc-timeout`,
-/// `grpc-previous-rpc-attempts` on retries, our server name as `:authority`, and `te:
-/// trailers` unless the peer said it restores it (see [`grpc::FEATURES`]).
+/// `grpc-previous-rpc-attempts` on retries, our server name as `:authority`, `te: trailers`
+/// unless the peer said it restores it (see [`grpc::FEATURES`]), and gRPC's content type
+/// implied where the connection's handshake settled that (see
+/// [`grpc::imply_grpc_content_type`]).
 fn upstream_request(
     call: &CallRequest,
     authority: &Authority,
     previous_attempts: u32,
-    peer_restores_te: bool,
+    link: &Link,
 ) -> Result<Request<()>, String> {
     let mut uri = http::uri::Parts::default();
     uri.scheme = Some(Scheme::HTTPS);
@@ -132,8 +135,11 @@ fn upstream_request(
             HeaderValue::from(previous_attempts),
         );
     }
-    if !peer_restores_te {
+    if !link.peer_restores_te() {
         grpc::require_trailers(&mut headers);
+    }
+    if link.implies_content_type() {
+        grpc::imply_grpc_content_type(&mut headers);
     }
     *request.headers_mut() = headers;
     Ok(request)
@@ -190,12 +196,7 @@ pub async fn attempt(
     // Counted as waiting on the connection until response headers arrive: the connection's
     // watchdog judges the peer's silence only while someone waits.
     let waiting = link.waiting();
-    let request = match upstream_request(
-        call,
-        &upstream.authority,
-        previous_attempts,
-        link.peer_restores_te(),
-    ) {
+    let request = match upstream_request(call, &upstream.authority, previous_attempts, &link) {
         Ok(request) => request,
         Err(reason) => {
             return AttemptOutcome::Failed {
@@ -273,6 +274,9 @@ pub async fn attempt(
         link.note_peer_restores_te();
     }
     crate::wire::grpc::strip_hop_by_hop(&mut parts.headers);
+    if link.implies_content_type() {
+        grpc::restore_grpc_content_type(&mut parts.headers);
+    }
     parts.version = http::Version::HTTP_2;
     if let Some(status) = parts.headers.get(grpc::GRPC_STATUS) {
         // Trailers-only: the status came in the only HEADERS frame and nothing follows.
@@ -562,16 +566,44 @@ mod tests {
     #[test]
     fn te_goes_to_a_peer_until_it_says_it_restores_it() {
         let authority = Authority::from_static("locality-sidecar");
-        let to_unknown_peer = upstream_request(&call(), &authority, 0, false).unwrap();
+        let unknown_peer = Link::default();
+        let restoring_peer = Link::default();
+        restoring_peer.note_peer_restores_te();
+        let to_unknown_peer = upstream_request(&call(), &authority, 0, &unknown_peer).unwrap();
         assert_eq!(
             to_unknown_peer.headers().get(http::header::TE),
             Some(&HeaderValue::from_static("trailers"))
         );
-        let to_restoring_peer = upstream_request(&call(), &authority, 0, true).unwrap();
+        let to_restoring_peer = upstream_request(&call(), &authority, 0, &restoring_peer).unwrap();
         assert!(!to_restoring_peer.headers().contains_key(http::header::TE));
         for request in [&to_unknown_peer, &to_restoring_peer] {
             assert_eq!(request.headers()["x-user"], "kept");
             assert_eq!(request.uri(), "https://locality-sidecar/echo.Echo/Unary");
         }
+    }
+
+    #[test]
+    fn grpc_content_type_is_implied_only_where_the_handshake_settled_it() {
+        let authority = Authority::from_static("locality-sidecar");
+        let mut grpc_call = call();
+        grpc_call.headers.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        let to_plain_h3 = upstream_request(&grpc_call, &authority, 0, &Link::new(false)).unwrap();
+        assert_eq!(
+            to_plain_h3.headers()[http::header::CONTENT_TYPE],
+            "application/grpc"
+        );
+        let to_sidecar_h3 = upstream_request(&grpc_call, &authority, 0, &Link::new(true)).unwrap();
+        assert!(!to_sidecar_h3
+            .headers()
+            .contains_key(http::header::CONTENT_TYPE));
+        assert_eq!(to_sidecar_h3.headers()["x-user"], "kept");
+        // The call's own headers stay as the app sent them, for the next attempt.
+        assert_eq!(
+            grpc_call.headers[http::header::CONTENT_TYPE],
+            "application/grpc"
+        );
     }
 }

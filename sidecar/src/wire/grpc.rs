@@ -295,6 +295,72 @@ pub fn announces_te(headers: &HeaderMap) -> bool {
     })
 }
 
+/// gRPC's content type. QPACK's static table (RFC 9204, appendix A) does not have it, so on the
+/// hop between sidecars it would cost a Huffman-coded literal on every request and every
+/// response, encoded on one side and decoded on the other. Two sidecars that agreed on
+/// [`crate::wire::tls::ALPN_H3_SIDECAR`] imply it instead: the sender applies
+/// [`imply_grpc_content_type`] to what it forwards, the receiver [`restore_grpc_content_type`]
+/// before anything else reads the headers. The mapping is one to one, so the app on the other
+/// side gets exactly the content type (or none) that was sent.
+const GRPC_CONTENT_TYPE: HeaderValue = HeaderValue::from_static("application/grpc");
+
+/// What two sidecars say for a message's content type (see [`GRPC_CONTENT_TYPE`]): a single
+/// `application/grpc` becomes no content type; no content type, or only empty ones, gets one
+/// more empty one; anything else is left as it is.
+pub fn imply_grpc_content_type(headers: &mut HeaderMap) {
+    match content_type_form(headers) {
+        ContentTypeForm::Grpc => {
+            headers.remove(http::header::CONTENT_TYPE);
+        }
+        ContentTypeForm::Empty(_) => {
+            headers.append(http::header::CONTENT_TYPE, HeaderValue::from_static(""));
+        }
+        ContentTypeForm::Other => {}
+    }
+}
+
+/// Undoes [`imply_grpc_content_type`] on what a sidecar of the same convention sent.
+pub fn restore_grpc_content_type(headers: &mut HeaderMap) {
+    match content_type_form(headers) {
+        ContentTypeForm::Empty(0) => {
+            headers.insert(http::header::CONTENT_TYPE, GRPC_CONTENT_TYPE);
+        }
+        ContentTypeForm::Empty(count) => {
+            headers.remove(http::header::CONTENT_TYPE);
+            for _ in 1..count {
+                headers.append(http::header::CONTENT_TYPE, HeaderValue::from_static(""));
+            }
+        }
+        ContentTypeForm::Grpc | ContentTypeForm::Other => {}
+    }
+}
+
+enum ContentTypeForm {
+    /// Exactly one `content-type`, `application/grpc`.
+    Grpc,
+    /// This many `content-type` fields, all empty (0: none).
+    Empty(usize),
+    Other,
+}
+
+fn content_type_form(headers: &HeaderMap) -> ContentTypeForm {
+    let mut count = 0;
+    let mut all_empty = true;
+    let mut grpc = false;
+    for value in headers.get_all(http::header::CONTENT_TYPE) {
+        count += 1;
+        all_empty &= value.is_empty();
+        grpc = value == GRPC_CONTENT_TYPE;
+    }
+    if count == 1 && grpc {
+        ContentTypeForm::Grpc
+    } else if all_empty {
+        ContentTypeForm::Empty(count)
+    } else {
+        ContentTypeForm::Other
+    }
+}
+
 /// Headers that describe one HTTP hop, not the call; HTTP/2 and HTTP/3 both forbid them.
 const HOP_BY_HOP: [&str; 7] = [
     "connection",
@@ -443,6 +509,49 @@ mod tests {
             Code::Internal,
             "an app's error is not a transport loss"
         );
+    }
+
+    fn with_content_types(values: &[&'static str]) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert("x-user", HeaderValue::from_static("kept"));
+        for value in values {
+            headers.append(http::header::CONTENT_TYPE, HeaderValue::from_static(value));
+        }
+        headers
+    }
+
+    fn content_types(headers: &HeaderMap) -> Vec<&str> {
+        headers
+            .get_all(http::header::CONTENT_TYPE)
+            .iter()
+            .map(|value| value.to_str().unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn grpc_content_type_is_implied_on_the_hop_and_every_form_comes_back_exactly() {
+        let cases: [(&[&str], &[&str]); 8] = [
+            // What an app sends, and what goes on the hop between the sidecars.
+            (&["application/grpc"], &[]),
+            (&[], &[""]),
+            (&[""], &["", ""]),
+            (&["", ""], &["", "", ""]),
+            (&["application/grpc+proto"], &["application/grpc+proto"]),
+            (&["text/html"], &["text/html"]),
+            (
+                &["application/grpc", "application/grpc"],
+                &["application/grpc", "application/grpc"],
+            ),
+            (&["application/grpc", ""], &["application/grpc", ""]),
+        ];
+        for (sent, on_the_hop) in cases {
+            let mut headers = with_content_types(sent);
+            imply_grpc_content_type(&mut headers);
+            assert_eq!(content_types(&headers), on_the_hop, "sent {sent:?}");
+            restore_grpc_content_type(&mut headers);
+            assert_eq!(content_types(&headers), sent, "sent {sent:?}");
+            assert_eq!(headers["x-user"], "kept");
+        }
     }
 
     #[test]

@@ -238,15 +238,31 @@ fn endpoint_with(
 /// A connection's liveness as the calls on it see it: how many wait for response headers (the
 /// watchdog only judges silence while someone waits), and whether its loss was already counted
 /// against the endpoint, so one dead connection is one failure, not one per call it carried.
-/// Also what the peer sidecar said it does (see [`crate::wire::grpc::announces_te`]).
+/// Also what the peer sidecar said it does (see [`crate::wire::grpc::announces_te`]), and
+/// whether both ends imply gRPC's content type on this connection.
 #[derive(Debug, Default)]
 pub struct Link {
     waiting: AtomicUsize,
     loss_reported: AtomicBool,
     peer_restores_te: AtomicBool,
+    implies_content_type: bool,
 }
 
 impl Link {
+    /// A connection whose handshake settled whether both ends imply gRPC's content type (see
+    /// [`crate::wire::grpc::imply_grpc_content_type`]).
+    pub fn new(implies_content_type: bool) -> Link {
+        Link {
+            implies_content_type,
+            ..Link::default()
+        }
+    }
+
+    /// Whether requests and responses on this connection carry gRPC's content type implied.
+    pub fn implies_content_type(&self) -> bool {
+        self.implies_content_type
+    }
+
     /// Marks one call as waiting for response headers until the guard is dropped.
     pub fn waiting(self: &Arc<Self>) -> Waiting {
         self.waiting.fetch_add(1, Ordering::AcqRel);
@@ -780,7 +796,7 @@ fn install_quic(
 ) -> ConnectResult {
     let pooled = PooledSender {
         sender: PeerSender::H3(sender),
-        link: Arc::new(Link::default()),
+        link: Arc::new(Link::new(speaks_sidecar_h3(&connection))),
         peer_identity: peer_identity(&connection).map(Arc::from),
     };
     if slot.evicted.load(Ordering::Acquire) {
@@ -878,6 +894,15 @@ pub fn peer_identity(connection: &quinn::Connection) -> Option<String> {
         .downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>()
         .ok()?;
     crate::wire::tls::spiffe_id(&chain)
+}
+
+/// Whether both ends agreed on [`crate::wire::tls::ALPN_H3_SIDECAR`] in the handshake: the peer
+/// is a sidecar that implies gRPC's content type on the hop, as this one does.
+pub fn speaks_sidecar_h3(connection: &quinn::Connection) -> bool {
+    connection
+        .handshake_data()
+        .and_then(|data| data.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+        .is_some_and(|data| data.protocol.as_deref() == Some(crate::wire::tls::ALPN_H3_SIDECAR))
 }
 
 /// One QUIC handshake and HTTP/3 set-up; spawns the task that drives the connection.

@@ -31,6 +31,14 @@ use crate::config::TlsPaths;
 use crate::metrics::{metrics, ResultLabels};
 
 pub const ALPN_H3: &[u8] = b"h3";
+/// HTTP/3 between two sidecars that both imply gRPC's content type on the hop (see
+/// [`crate::wire::grpc::imply_grpc_content_type`]). Offered and preferred before plain `h3`,
+/// so two sidecars of this version agree on it in the handshake, before any call, while a
+/// sidecar of an older version (or any other HTTP/3 peer) only knows `h3` and gets the
+/// request and response headers unchanged.
+pub const ALPN_H3_SIDECAR: &[u8] = b"locality-sidecar-h3/1";
+/// What the QUIC side offers and accepts, in order of preference.
+const QUIC_ALPNS: [&[u8]; 2] = [ALPN_H3_SIDECAR, ALPN_H3];
 
 /// How often the certificate files are read for changes. Reading three small files a second
 /// costs nothing, sees the kubelet's symlink swap as surely as a file event would (inotify
@@ -445,47 +453,51 @@ impl LiveTls {
 
     /// The inbound side: requires a client certificate from the current CA and presents the
     /// current certificate.
-    fn server_config(self: &Arc<Self>, alpn: &[u8]) -> Result<rustls::ServerConfig, TlsError> {
+    fn server_config(self: &Arc<Self>, alpns: &[&[u8]]) -> Result<rustls::ServerConfig, TlsError> {
         let mut config = rustls::ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| TlsError::Build(e.to_string()))?
             .with_client_cert_verifier(Arc::new(LiveClientVerifier(self.clone())))
             .with_cert_resolver(Arc::new(LiveResolver(self.clone())));
-        config.alpn_protocols = vec![alpn.to_vec()];
+        config.alpn_protocols = alpns.iter().map(|alpn| alpn.to_vec()).collect();
         Ok(config)
     }
 
     /// The outbound side: verifies the upstream against the current CA and presents the
     /// current certificate.
-    fn client_config(self: &Arc<Self>, alpn: &[u8]) -> Result<rustls::ClientConfig, TlsError> {
+    fn client_config(self: &Arc<Self>, alpns: &[&[u8]]) -> Result<rustls::ClientConfig, TlsError> {
         let mut config = rustls::ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| TlsError::Build(e.to_string()))?
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(LiveServerVerifier(self.clone())))
             .with_client_cert_resolver(Arc::new(LiveResolver(self.clone())));
-        config.alpn_protocols = vec![alpn.to_vec()];
+        config.alpn_protocols = alpns.iter().map(|alpn| alpn.to_vec()).collect();
         Ok(config)
     }
 
     pub fn quic_server_config(self: &Arc<Self>) -> Result<QuicServerConfig, TlsError> {
-        QuicServerConfig::try_from(self.server_config(ALPN_H3)?)
+        QuicServerConfig::try_from(self.server_config(&QUIC_ALPNS)?)
             .map_err(|e| TlsError::Build(e.to_string()))
     }
 
     pub fn quic_client_config(self: &Arc<Self>) -> Result<QuicClientConfig, TlsError> {
-        QuicClientConfig::try_from(self.client_config(ALPN_H3)?)
+        QuicClientConfig::try_from(self.client_config(&QUIC_ALPNS)?)
             .map_err(|e| TlsError::Build(e.to_string()))
     }
 
     /// The inbound side of the HTTP/2 fallback over TCP (see [`crate::wire::h2_peer`]).
     pub fn tcp_server_config(self: &Arc<Self>) -> Result<Arc<rustls::ServerConfig>, TlsError> {
-        Ok(Arc::new(self.server_config(crate::wire::h2_peer::ALPN_H2)?))
+        Ok(Arc::new(
+            self.server_config(&[crate::wire::h2_peer::ALPN_H2])?,
+        ))
     }
 
     /// The outbound side of the HTTP/2 fallback over TCP.
     pub fn tcp_client_config(self: &Arc<Self>) -> Result<Arc<rustls::ClientConfig>, TlsError> {
-        Ok(Arc::new(self.client_config(crate::wire::h2_peer::ALPN_H2)?))
+        Ok(Arc::new(
+            self.client_config(&[crate::wire::h2_peer::ALPN_H2])?,
+        ))
     }
 }
 
@@ -726,6 +738,39 @@ mod tests {
         let live = LiveTls::load(&dev_certs(dir.path(), None)).unwrap();
         live.quic_server_config().unwrap();
         live.quic_client_config().unwrap();
+    }
+
+    /// Real QUIC handshakes on loopback: two sidecars settle on their own HTTP/3 convention;
+    /// a peer offering only plain `h3` (an older sidecar) is served plain HTTP/3.
+    #[tokio::test]
+    async fn sidecars_agree_on_their_h3_convention_and_a_plain_h3_peer_gets_plain_h3() {
+        install_crypto_provider();
+        let dir = tempfile::tempdir().unwrap();
+        let live = LiveTls::load(&dev_certs(dir.path(), None)).unwrap();
+        let server_crypto = Arc::new(live.quic_server_config().unwrap());
+        let server = quinn::Endpoint::server(
+            quinn::ServerConfig::with_crypto(server_crypto),
+            "127.0.0.1:0".parse().unwrap(),
+        )
+        .unwrap();
+        let address = server.local_addr().unwrap();
+        let plain_h3 = QuicClientConfig::try_from(live.client_config(&[ALPN_H3]).unwrap()).unwrap();
+        for (client_crypto, agreed) in [
+            (live.quic_client_config().unwrap(), true),
+            (plain_h3, false),
+        ] {
+            let mut client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+            client.set_default_client_config(quinn::ClientConfig::new(Arc::new(client_crypto)));
+            let connecting = client
+                .connect(address, crate::config::DEFAULT_SERVER_NAME)
+                .unwrap();
+            let accepting = async { server.accept().await.unwrap().await };
+            let (ours, theirs) = tokio::join!(connecting, accepting);
+            let (ours, theirs) = (ours.unwrap(), theirs.unwrap());
+            assert_eq!(crate::wire::quic::speaks_sidecar_h3(&ours), agreed);
+            assert_eq!(crate::wire::quic::speaks_sidecar_h3(&theirs), agreed);
+            ours.close(0u32.into(), b"done");
+        }
     }
 
     #[test]

@@ -69,13 +69,13 @@ struct Caller {
     /// Whether a response on this connection said what this sidecar does for the caller's
     /// (see [`grpc::FEATURES`]); once per connection is enough.
     features_said: AtomicBool,
-    /// Whether the handshake settled that both ends imply gRPC's content type (see
-    /// [`grpc::imply_grpc_content_type`]).
-    implies_content_type: bool,
+    /// Whether the handshake settled that both ends imply gRPC's usual fields (see
+    /// [`grpc::imply_grpc_defaults`]).
+    implies_grpc_defaults: bool,
 }
 
 impl Caller {
-    fn new(identity: Option<Arc<str>>, implies_content_type: bool) -> Caller {
+    fn new(identity: Option<Arc<str>>, implies_grpc_defaults: bool) -> Caller {
         let header = identity
             .as_deref()
             .and_then(|id| http::HeaderValue::from_str(id).ok());
@@ -83,7 +83,7 @@ impl Caller {
             identity,
             header,
             features_said: AtomicBool::new(false),
-            implies_content_type,
+            implies_grpc_defaults,
         }
     }
 }
@@ -627,7 +627,7 @@ async fn serve_connection(
                         return;
                     };
                     let body = H3RecvBody::new(recv);
-                    let send = H3Responder::new(send, stopped);
+                    let send = H3Responder::new(send, stopped, caller.implies_grpc_defaults);
                     handle_call(request, send, body, &app, &guard, &caller).await;
                 }
                 Ok(Err(error)) => tracing::debug!(%remote, %error, "peer request unreadable"),
@@ -870,14 +870,17 @@ struct H3Responder {
     stream: PeerSend,
     stopped: Option<StopWatch>,
     cancelled: bool,
+    /// The caller's sidecar restores `grpc-status: 0` (see [`grpc::imply_ok_status`]).
+    implies_ok_status: bool,
 }
 
 impl H3Responder {
-    fn new(stream: PeerSend, stopped: Option<StopWatch>) -> H3Responder {
+    fn new(stream: PeerSend, stopped: Option<StopWatch>, implies_ok_status: bool) -> H3Responder {
         H3Responder {
             stream,
             stopped,
             cancelled: false,
+            implies_ok_status,
         }
     }
 }
@@ -894,8 +897,11 @@ impl H3Send for H3Responder {
 
     fn send_trailers(
         &mut self,
-        trailers: http::HeaderMap,
+        mut trailers: http::HeaderMap,
     ) -> impl std::future::Future<Output = Result<(), Self::Error>> + Send {
+        if self.implies_ok_status {
+            grpc::imply_ok_status(&mut trailers);
+        }
         H3Send::send_trailers(&mut self.stream, trailers)
     }
 
@@ -1050,8 +1056,8 @@ async fn handle_call<S, B>(
         .map(|timeout| arrived + timeout);
     let (mut parts, ()) = request.into_parts();
     strip_hop_by_hop(&mut parts.headers);
-    if caller.implies_content_type {
-        grpc::restore_grpc_content_type(&mut parts.headers);
+    if caller.implies_grpc_defaults {
+        grpc::restore_grpc_defaults(&mut parts.headers);
     }
     grpc::require_trailers(&mut parts.headers);
     set_peer_identity(&mut parts.headers, caller.header.clone());
@@ -1126,8 +1132,8 @@ async fn handle_call<S, B>(
         // same kind of once-a-second clock the app used. Not sending the app's saves encoding,
         // compressing and decoding one header per call on the hop.
         parts.headers.remove(http::header::DATE);
-        if caller.implies_content_type {
-            grpc::imply_grpc_content_type(&mut parts.headers);
+        if caller.implies_grpc_defaults {
+            grpc::imply_grpc_defaults(&mut parts.headers);
         }
         if !caller.features_said.swap(true, Ordering::Relaxed) {
             parts

@@ -106,9 +106,9 @@ async fn within<F: Future>(deadline: Option<Instant>, future: F) -> Option<F::Ou
 
 /// The request as the upstream sidecar receives it: the remaining deadline in `grpc-timeout`,
 /// `grpc-previous-rpc-attempts` on retries, our server name as `:authority`, `te: trailers`
-/// unless the peer said it restores it (see [`grpc::FEATURES`]), and gRPC's content type
+/// unless the peer said it restores it (see [`grpc::FEATURES`]), and gRPC's usual fields
 /// implied where the connection's handshake settled that (see
-/// [`grpc::imply_grpc_content_type`]).
+/// [`grpc::imply_grpc_defaults`]).
 fn upstream_request(
     call: &CallRequest,
     authority: &Authority,
@@ -138,8 +138,8 @@ fn upstream_request(
     if !link.peer_restores_te() {
         grpc::require_trailers(&mut headers);
     }
-    if link.implies_content_type() {
-        grpc::imply_grpc_content_type(&mut headers);
+    if link.implies_grpc_defaults() {
+        grpc::imply_grpc_defaults(&mut headers);
     }
     *request.headers_mut() = headers;
     Ok(request)
@@ -274,8 +274,8 @@ pub async fn attempt(
         link.note_peer_restores_te();
     }
     crate::wire::grpc::strip_hop_by_hop(&mut parts.headers);
-    if link.implies_content_type() {
-        grpc::restore_grpc_content_type(&mut parts.headers);
+    if link.implies_grpc_defaults() {
+        grpc::restore_grpc_defaults(&mut parts.headers);
     }
     parts.version = http::Version::HTTP_2;
     if let Some(status) = parts.headers.get(grpc::GRPC_STATUS) {
@@ -303,6 +303,7 @@ pub async fn attempt(
         stop: Some(stop_sender),
         _in_flight: in_flight,
         record: Some(record),
+        restores_ok_status: link.implies_grpc_defaults(),
         done: false,
     };
     AttemptOutcome::Committed(Response::from_parts(
@@ -454,6 +455,8 @@ pub struct UpstreamBody {
     stop: Option<oneshot::Sender<H3Code>>,
     _in_flight: InFlight,
     record: Option<CallRecord>,
+    /// The peer implies `grpc-status: 0` in trailers (see [`grpc::imply_ok_status`]).
+    restores_ok_status: bool,
     done: bool,
 }
 
@@ -508,8 +511,11 @@ impl Body for UpstreamBody {
                 this.finish(H3Code::H3_NO_ERROR, Code::Unknown as u32);
                 Poll::Ready(None)
             }
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(trailers) = frame.trailers_ref() {
+            Poll::Ready(Some(Ok(mut frame))) => {
+                if let Some(trailers) = frame.trailers_mut() {
+                    if this.restores_ok_status {
+                        grpc::restore_ok_status(trailers);
+                    }
                     let status = trailers
                         .get(grpc::GRPC_STATUS)
                         .and_then(|v| v.to_str().ok())

@@ -295,69 +295,90 @@ pub fn announces_te(headers: &HeaderMap) -> bool {
     })
 }
 
-/// gRPC's content type. QPACK's static table (RFC 9204, appendix A) does not have it, so on the
-/// hop between sidecars it would cost a Huffman-coded literal on every request and every
-/// response, encoded on one side and decoded on the other. Two sidecars that agreed on
-/// [`crate::wire::tls::ALPN_H3_SIDECAR`] imply it instead: the sender applies
-/// [`imply_grpc_content_type`] to what it forwards, the receiver [`restore_grpc_content_type`]
-/// before anything else reads the headers. The mapping is one to one, so the app on the other
-/// side gets exactly the content type (or none) that was sent.
+/// Fields nearly every gRPC call carries with the same value: `content-type: application/grpc`
+/// on requests and responses, `grpc-status: 0` in the trailers of a call that succeeded.
+/// QPACK's static table (RFC 9204, appendix A) has neither, so on the hop between sidecars
+/// each would cost Huffman-coded literals on every call, encoded on one side and decoded on the
+/// other. Two sidecars that agreed on [`crate::wire::tls::ALPN_H3_SIDECAR`] imply them instead:
+/// the sender applies [`imply_grpc_defaults`] (requests and response headers) and
+/// [`imply_ok_status`] (response trailers) to what it forwards, the receiver the matching
+/// `restore_` function before anything else reads the fields. Each mapping is one to one, so
+/// the other side gets exactly the fields that were sent, in whatever form.
 const GRPC_CONTENT_TYPE: HeaderValue = HeaderValue::from_static("application/grpc");
+const OK_STATUS: HeaderValue = HeaderValue::from_static("0");
 
-/// What two sidecars say for a message's content type (see [`GRPC_CONTENT_TYPE`]): a single
-/// `application/grpc` becomes no content type; no content type, or only empty ones, gets one
-/// more empty one; anything else is left as it is.
-pub fn imply_grpc_content_type(headers: &mut HeaderMap) {
-    match content_type_form(headers) {
-        ContentTypeForm::Grpc => {
-            headers.remove(http::header::CONTENT_TYPE);
+/// Request or response headers as they go on the hop (see [`GRPC_CONTENT_TYPE`]).
+pub fn imply_grpc_defaults(headers: &mut HeaderMap) {
+    imply_field(headers, http::header::CONTENT_TYPE, &GRPC_CONTENT_TYPE);
+}
+
+/// Undoes [`imply_grpc_defaults`] on what a sidecar of the same convention sent.
+pub fn restore_grpc_defaults(headers: &mut HeaderMap) {
+    restore_field(headers, http::header::CONTENT_TYPE, GRPC_CONTENT_TYPE);
+}
+
+/// Response trailers as they go on the hop (see [`GRPC_CONTENT_TYPE`]).
+pub fn imply_ok_status(trailers: &mut HeaderMap) {
+    imply_field(trailers, GRPC_STATUS, &OK_STATUS);
+}
+
+/// Undoes [`imply_ok_status`] on what a sidecar of the same convention sent.
+pub fn restore_ok_status(trailers: &mut HeaderMap) {
+    restore_field(trailers, GRPC_STATUS, OK_STATUS);
+}
+
+/// A single `name: usual` is left off; no `name` at all, or only empty ones, gets one more
+/// empty one; anything else is left as it is.
+fn imply_field(headers: &mut HeaderMap, name: HeaderName, usual: &HeaderValue) {
+    match field_form(headers, &name, usual) {
+        FieldForm::Usual => {
+            headers.remove(name);
         }
-        ContentTypeForm::Empty(_) => {
-            headers.append(http::header::CONTENT_TYPE, HeaderValue::from_static(""));
+        FieldForm::Empty(_) => {
+            headers.append(name, HeaderValue::from_static(""));
         }
-        ContentTypeForm::Other => {}
+        FieldForm::Other => {}
     }
 }
 
-/// Undoes [`imply_grpc_content_type`] on what a sidecar of the same convention sent.
-pub fn restore_grpc_content_type(headers: &mut HeaderMap) {
-    match content_type_form(headers) {
-        ContentTypeForm::Empty(0) => {
-            headers.insert(http::header::CONTENT_TYPE, GRPC_CONTENT_TYPE);
+fn restore_field(headers: &mut HeaderMap, name: HeaderName, usual: HeaderValue) {
+    match field_form(headers, &name, &usual) {
+        FieldForm::Empty(0) => {
+            headers.insert(name, usual);
         }
-        ContentTypeForm::Empty(count) => {
-            headers.remove(http::header::CONTENT_TYPE);
+        FieldForm::Empty(count) => {
+            headers.remove(&name);
             for _ in 1..count {
-                headers.append(http::header::CONTENT_TYPE, HeaderValue::from_static(""));
+                headers.append(name.clone(), HeaderValue::from_static(""));
             }
         }
-        ContentTypeForm::Grpc | ContentTypeForm::Other => {}
+        FieldForm::Usual | FieldForm::Other => {}
     }
 }
 
-enum ContentTypeForm {
-    /// Exactly one `content-type`, `application/grpc`.
-    Grpc,
-    /// This many `content-type` fields, all empty (0: none).
+enum FieldForm {
+    /// Exactly one field of the name, with the usual value.
+    Usual,
+    /// This many fields of the name, all empty (0: none).
     Empty(usize),
     Other,
 }
 
-fn content_type_form(headers: &HeaderMap) -> ContentTypeForm {
+fn field_form(headers: &HeaderMap, name: &HeaderName, usual: &HeaderValue) -> FieldForm {
     let mut count = 0;
     let mut all_empty = true;
-    let mut grpc = false;
-    for value in headers.get_all(http::header::CONTENT_TYPE) {
+    let mut is_usual = false;
+    for value in headers.get_all(name) {
         count += 1;
         all_empty &= value.is_empty();
-        grpc = value == GRPC_CONTENT_TYPE;
+        is_usual = value == usual;
     }
-    if count == 1 && grpc {
-        ContentTypeForm::Grpc
+    if count == 1 && is_usual {
+        FieldForm::Usual
     } else if all_empty {
-        ContentTypeForm::Empty(count)
+        FieldForm::Empty(count)
     } else {
-        ContentTypeForm::Other
+        FieldForm::Other
     }
 }
 
@@ -511,46 +532,51 @@ mod tests {
         );
     }
 
-    fn with_content_types(values: &[&'static str]) -> HeaderMap {
-        let mut headers = HeaderMap::new();
-        headers.insert("x-user", HeaderValue::from_static("kept"));
-        for value in values {
-            headers.append(http::header::CONTENT_TYPE, HeaderValue::from_static(value));
-        }
-        headers
-    }
-
-    fn content_types(headers: &HeaderMap) -> Vec<&str> {
-        headers
-            .get_all(http::header::CONTENT_TYPE)
-            .iter()
-            .map(|value| value.to_str().unwrap())
-            .collect()
-    }
-
     #[test]
-    fn grpc_content_type_is_implied_on_the_hop_and_every_form_comes_back_exactly() {
-        let cases: [(&[&str], &[&str]); 8] = [
-            // What an app sends, and what goes on the hop between the sidecars.
-            (&["application/grpc"], &[]),
-            (&[], &[""]),
-            (&[""], &["", ""]),
-            (&["", ""], &["", "", ""]),
-            (&["application/grpc+proto"], &["application/grpc+proto"]),
-            (&["text/html"], &["text/html"]),
+    fn usual_grpc_fields_are_implied_on_the_hop_and_every_form_comes_back_exactly() {
+        type Mapping = (fn(&mut HeaderMap), fn(&mut HeaderMap));
+        let fields: [(HeaderName, &str, Mapping); 2] = [
             (
-                &["application/grpc", "application/grpc"],
-                &["application/grpc", "application/grpc"],
+                http::header::CONTENT_TYPE,
+                "application/grpc",
+                (imply_grpc_defaults, restore_grpc_defaults),
             ),
-            (&["application/grpc", ""], &["application/grpc", ""]),
+            (GRPC_STATUS, "0", (imply_ok_status, restore_ok_status)),
         ];
-        for (sent, on_the_hop) in cases {
-            let mut headers = with_content_types(sent);
-            imply_grpc_content_type(&mut headers);
-            assert_eq!(content_types(&headers), on_the_hop, "sent {sent:?}");
-            restore_grpc_content_type(&mut headers);
-            assert_eq!(content_types(&headers), sent, "sent {sent:?}");
-            assert_eq!(headers["x-user"], "kept");
+        for (name, usual, (imply, restore)) in fields {
+            let cases: [(Vec<&str>, Vec<&str>); 8] = [
+                // What an app sends, and what goes on the hop between the sidecars.
+                (vec![usual], vec![]),
+                (vec![], vec![""]),
+                (vec![""], vec!["", ""]),
+                (vec!["", ""], vec!["", "", ""]),
+                (vec!["14"], vec!["14"]),
+                (
+                    vec!["application/grpc+proto"],
+                    vec!["application/grpc+proto"],
+                ),
+                (vec![usual, usual], vec![usual, usual]),
+                (vec![usual, ""], vec![usual, ""]),
+            ];
+            for (sent, on_the_hop) in cases {
+                let mut headers = HeaderMap::new();
+                headers.insert("x-user", HeaderValue::from_static("kept"));
+                for value in &sent {
+                    headers.append(&name, HeaderValue::from_str(value).unwrap());
+                }
+                let values = |headers: &HeaderMap| -> Vec<String> {
+                    headers
+                        .get_all(&name)
+                        .iter()
+                        .map(|value| value.to_str().unwrap().to_string())
+                        .collect()
+                };
+                imply(&mut headers);
+                assert_eq!(values(&headers), on_the_hop, "{name} {sent:?}");
+                restore(&mut headers);
+                assert_eq!(values(&headers), sent, "{name} {sent:?}");
+                assert_eq!(headers["x-user"], "kept");
+            }
         }
     }
 

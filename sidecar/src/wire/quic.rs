@@ -239,28 +239,28 @@ fn endpoint_with(
 /// watchdog only judges silence while someone waits), and whether its loss was already counted
 /// against the endpoint, so one dead connection is one failure, not one per call it carried.
 /// Also what the peer sidecar said it does (see [`crate::wire::grpc::announces_te`]), and
-/// whether both ends imply gRPC's content type on this connection.
+/// whether both ends imply gRPC's usual fields on this connection.
 #[derive(Debug, Default)]
 pub struct Link {
     waiting: AtomicUsize,
     loss_reported: AtomicBool,
     peer_restores_te: AtomicBool,
-    implies_content_type: bool,
+    implies_grpc_defaults: bool,
 }
 
 impl Link {
-    /// A connection whose handshake settled whether both ends imply gRPC's content type (see
-    /// [`crate::wire::grpc::imply_grpc_content_type`]).
-    pub fn new(implies_content_type: bool) -> Link {
+    /// A connection whose handshake settled whether both ends imply gRPC's usual fields (see
+    /// [`crate::wire::grpc::imply_grpc_defaults`]).
+    pub fn new(implies_grpc_defaults: bool) -> Link {
         Link {
-            implies_content_type,
+            implies_grpc_defaults,
             ..Link::default()
         }
     }
 
-    /// Whether requests and responses on this connection carry gRPC's content type implied.
-    pub fn implies_content_type(&self) -> bool {
-        self.implies_content_type
+    /// Whether requests and responses on this connection carry gRPC's usual fields implied.
+    pub fn implies_grpc_defaults(&self) -> bool {
+        self.implies_grpc_defaults
     }
 
     /// Marks one call as waiting for response headers until the guard is dropped.
@@ -897,7 +897,7 @@ pub fn peer_identity(connection: &quinn::Connection) -> Option<String> {
 }
 
 /// Whether both ends agreed on [`crate::wire::tls::ALPN_H3_SIDECAR`] in the handshake: the peer
-/// is a sidecar that implies gRPC's content type on the hop, as this one does.
+/// is a sidecar that implies gRPC's usual fields on the hop, as this one does.
 pub fn speaks_sidecar_h3(connection: &quinn::Connection) -> bool {
     connection
         .handshake_data()

@@ -31,8 +31,8 @@ use crate::config::TlsPaths;
 use crate::metrics::{metrics, ResultLabels};
 
 pub const ALPN_H3: &[u8] = b"h3";
-/// HTTP/3 between two sidecars that both imply gRPC's content type on the hop (see
-/// [`crate::wire::grpc::imply_grpc_content_type`]). Offered and preferred before plain `h3`,
+/// HTTP/3 between two sidecars that both imply gRPC's usual fields on the hop (see
+/// [`crate::wire::grpc::imply_grpc_defaults`]). Offered and preferred before plain `h3`,
 /// so two sidecars of this version agree on it in the handshake, before any call, while a
 /// sidecar of an older version (or any other HTTP/3 peer) only knows `h3` and gets the
 /// request and response headers unchanged.

@@ -870,17 +870,22 @@ struct H3Responder {
     stream: PeerSend,
     stopped: Option<StopWatch>,
     cancelled: bool,
-    /// The caller's sidecar restores `grpc-status: 0` (see [`grpc::imply_ok_status`]).
-    implies_ok_status: bool,
+    /// Everything sent on this stream goes with gRPC's usual fields implied (see
+    /// [`grpc::imply_grpc_defaults`]), whoever wrote it: the app or this sidecar.
+    implies_grpc_defaults: bool,
 }
 
 impl H3Responder {
-    fn new(stream: PeerSend, stopped: Option<StopWatch>, implies_ok_status: bool) -> H3Responder {
+    fn new(
+        stream: PeerSend,
+        stopped: Option<StopWatch>,
+        implies_grpc_defaults: bool,
+    ) -> H3Responder {
         H3Responder {
             stream,
             stopped,
             cancelled: false,
-            implies_ok_status,
+            implies_grpc_defaults,
         }
     }
 }
@@ -899,7 +904,7 @@ impl H3Send for H3Responder {
         &mut self,
         mut trailers: http::HeaderMap,
     ) -> impl std::future::Future<Output = Result<(), Self::Error>> + Send {
-        if self.implies_ok_status {
+        if self.implies_grpc_defaults {
             grpc::imply_ok_status(&mut trailers);
         }
         H3Send::send_trailers(&mut self.stream, trailers)
@@ -932,9 +937,12 @@ impl H3Send for H3Responder {
 impl PeerResponder for H3Responder {
     fn send_response(
         &mut self,
-        response: Response<()>,
+        mut response: Response<()>,
         _end_of_stream: bool,
     ) -> impl std::future::Future<Output = Result<(), Self::Error>> + Send {
+        if self.implies_grpc_defaults {
+            grpc::imply_grpc_defaults(response.headers_mut());
+        }
         // HTTP/3 ends a stream with a separate FIN, which the caller's `finish` sends.
         self.stream.send_response(response)
     }
@@ -1132,9 +1140,6 @@ async fn handle_call<S, B>(
         // same kind of once-a-second clock the app used. Not sending the app's saves encoding,
         // compressing and decoding one header per call on the hop.
         parts.headers.remove(http::header::DATE);
-        if caller.implies_grpc_defaults {
-            grpc::imply_grpc_defaults(&mut parts.headers);
-        }
         if !caller.features_said.swap(true, Ordering::Relaxed) {
             parts
                 .headers

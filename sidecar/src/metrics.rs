@@ -3,7 +3,7 @@
 //!
 //! Names follow Prometheus conventions: `locality_sidecar_` prefix, `_total` on counters, units
 //! in names (`_seconds`), and label values drawn from small fixed sets (status names, tiers) or
-//! from configuration (upstream names); method names are capped (see [`method_label`]).
+//! from configuration (upstream names); method names are capped (see [`Metrics::method_label`]).
 
 mod exposition;
 

@@ -276,7 +276,8 @@ pub const FEATURES: HeaderName = HeaderName::from_static("locality-sidecar-featu
 /// The [`FEATURES`] value of a serving sidecar that sets `te: trailers` itself.
 pub const FEATURE_RESTORES_TE: HeaderValue = HeaderValue::from_static("te");
 
-/// Takes `te` off a request from the app; [`set_te`] puts it back per hop when the peer needs it.
+/// Takes `te` off a request from the app; [`require_trailers`] puts it back per hop when the peer
+/// needs it.
 pub fn leave_te_off_the_hop(headers: &mut HeaderMap) {
     headers.remove(http::header::TE);
 }
@@ -295,6 +296,11 @@ pub fn announces_te(headers: &HeaderMap) -> bool {
     })
 }
 
+const GRPC_CONTENT_TYPE: HeaderValue = HeaderValue::from_static("application/grpc");
+const OK_STATUS: HeaderValue = HeaderValue::from_static("0");
+
+/// Request or response headers as they go on the hop between two sidecars.
+///
 /// Fields nearly every gRPC call carries with the same value: `content-type: application/grpc`
 /// on requests and responses, `grpc-status: 0` in the trailers of a call that succeeded.
 /// QPACK's static table (RFC 9204, appendix A) has neither, so on the hop between sidecars
@@ -304,10 +310,6 @@ pub fn announces_te(headers: &HeaderMap) -> bool {
 /// [`imply_ok_status`] (response trailers) to what it forwards, the receiver the matching
 /// `restore_` function before anything else reads the fields. Each mapping is one to one, so
 /// the other side gets exactly the fields that were sent, in whatever form.
-const GRPC_CONTENT_TYPE: HeaderValue = HeaderValue::from_static("application/grpc");
-const OK_STATUS: HeaderValue = HeaderValue::from_static("0");
-
-/// Request or response headers as they go on the hop (see [`GRPC_CONTENT_TYPE`]).
 pub fn imply_grpc_defaults(headers: &mut HeaderMap) {
     imply_field(headers, http::header::CONTENT_TYPE, &GRPC_CONTENT_TYPE);
 }
@@ -317,7 +319,7 @@ pub fn restore_grpc_defaults(headers: &mut HeaderMap) {
     restore_field(headers, http::header::CONTENT_TYPE, GRPC_CONTENT_TYPE);
 }
 
-/// Response trailers as they go on the hop (see [`GRPC_CONTENT_TYPE`]).
+/// Response trailers as they go on the hop (see [`imply_grpc_defaults`]).
 pub fn imply_ok_status(trailers: &mut HeaderMap) {
     imply_field(trailers, GRPC_STATUS, &OK_STATUS);
 }

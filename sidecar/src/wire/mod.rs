@@ -1,7 +1,7 @@
 //! Wire formats and transports, below any decision: gRPC's HTTP mapping ([`grpc`]), body pumps
 //! between HTTP/2 and HTTP/3 ([`body`]), the local HTTP/2 hop's settings and write batching,
 //! QUIC between sidecars ([`quic`]), its HTTP/2-over-TLS fallback ([`h2_peer`]) and their TLS
-//! material ([`tls`]).
+//! material ([`tls`]), and the UDP socket under QUIC ([`udp`]).
 
 pub mod batched_io;
 pub mod body;
@@ -12,3 +12,4 @@ pub mod h3_guard;
 pub mod h3_quic;
 pub mod quic;
 pub mod tls;
+pub mod udp;

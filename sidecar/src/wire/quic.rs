@@ -18,6 +18,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use super::udp::SidecarQuicRuntime;
 use bytes::Bytes;
 use quinn::crypto::rustls::QuicClientConfig;
 use quinn::{AckFrequencyConfig, EndpointConfig, IdleTimeout, TransportConfig, VarInt};
@@ -231,7 +232,7 @@ fn endpoint_with(
     config: EndpointConfig,
 ) -> Result<quinn::Endpoint, TransportError> {
     let socket = bind_udp(address)?;
-    quinn::Endpoint::new(config, server, socket, Arc::new(quinn::TokioRuntime))
+    quinn::Endpoint::new(config, server, socket, Arc::new(SidecarQuicRuntime))
         .map_err(|source| TransportError::Bind { address, source })
 }
 

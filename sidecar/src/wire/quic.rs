@@ -18,7 +18,6 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::udp::SidecarQuicRuntime;
 use bytes::Bytes;
 use quinn::crypto::rustls::QuicClientConfig;
 use quinn::{AckFrequencyConfig, EndpointConfig, IdleTimeout, TransportConfig, VarInt};
@@ -27,6 +26,7 @@ use crate::endpoints::ranking::{EndpointLoad, RankingWatch};
 use crate::metrics::{metrics, DirectionLabels, OpenPeerConnection};
 use crate::wire::h2_peer;
 use crate::wire::h3_quic::{QuicConnection, QuicOpener};
+use crate::wire::udp::SidecarQuicRuntime;
 
 /// The HTTP/3 request handle of one upstream connection; clones share the connection.
 pub type H3Sender = h3::client::SendRequest<QuicOpener, Bytes>;

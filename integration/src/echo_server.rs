@@ -47,6 +47,9 @@ pub const MAX_MESSAGE_SIZE: usize = 64 * 1024 * 1024;
 
 /// Request metadata keys with this prefix are sent back as response headers and as trailers.
 pub const ECHO_METADATA_PREFIX: &str = "x-echo-";
+/// A request carrying this header gets its path (`echo-path`) and every `user-agent` value it
+/// arrived with (`echo-user-agent`, in order) back in the response headers and trailers.
+pub const ECHO_REQUEST_HEAD: &str = "echo-request-head";
 
 /// Bidi calls carrying this metadata key read their first request before sending response
 /// headers, so a status that request asks for comes trailers-only, before the call commits.
@@ -619,12 +622,25 @@ impl hyper::service::Service<http::Request<Incoming>> for EchoHttp {
                 .unwrap_or_else(|poisoned| poisoned.into_inner())
                 .push(content_types);
         }
-        let echoed: Vec<(HeaderName, HeaderValue)> = request
+        let mut echoed: Vec<(HeaderName, HeaderValue)> = request
             .headers()
             .iter()
             .filter(|(name, _)| name.as_str().starts_with(ECHO_METADATA_PREFIX))
             .map(|(name, value)| (name.clone(), value.clone()))
             .collect();
+        // Asked for by tests of what the sidecars remember per connection: the path and the
+        // user-agents exactly as the app received them.
+        if request.headers().contains_key(ECHO_REQUEST_HEAD) {
+            let mut head = vec![(
+                HeaderName::from_static("echo-path"),
+                HeaderValue::from_str(request.uri().path())
+                    .unwrap_or(HeaderValue::from_static("?")),
+            )];
+            for agent in request.headers().get_all(http::header::USER_AGENT) {
+                head.push((HeaderName::from_static("echo-user-agent"), agent.clone()));
+            }
+            echoed.extend(head);
+        }
         let headers_first = HeadersFirst::default();
         request.extensions_mut().insert(headers_first.clone());
         let mut grpc = self.grpc.clone();

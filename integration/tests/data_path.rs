@@ -12,7 +12,7 @@ use std::{
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue};
 use integration::{
-    echo_server::pattern,
+    echo_server::{pattern, ECHO_REQUEST_HEAD},
     harness::{
         client_sidecar_config, decode_grpc_frames, free_tcp_addr, free_udp_addr, generate_certs,
         grpc_frame, http_get, parse_grpc_timeout, raw_grpc_call, raw_grpc_call_as, within,
@@ -151,6 +151,63 @@ async fn the_content_type_reaches_the_app_and_the_caller_exactly_as_sent() {
         .map(|types| types.iter().map(|t| t.to_string()).collect())
         .collect();
     assert_eq!(pipeline.echo.state().other_content_types(), expected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paths_and_user_agents_reach_the_app_exactly_while_the_sidecars_remember_them() {
+    // Between two sidecars a repeated path and user-agent travel once per connection and are
+    // referred to afterwards. Every call must still reach the app with exactly its own: the
+    // calls that define them, the ones that refer to them, and the forms never remembered
+    // (no user-agent, two of them, an empty one, a query string).
+    let pipeline = Pipeline::start().await;
+    let paths = [
+        "/echo.Echo/Unary",
+        "/echo.Echo/ClientStream",
+        "/echo.Echo/ServerStream",
+        "/echo.Echo/Bidi",
+    ];
+    let agents: [&[&str]; 5] = [
+        &["grpc-dotnet/2.66.0 (.NET 8.0.11; CLR 8.0.11; net8.0; linux; x64)"],
+        &["tonic/0.14.2"],
+        &[],
+        &["first/1", "second/2"],
+        &[""],
+    ];
+    let mut calls = 0;
+    for round in 0..3 {
+        for path in paths {
+            for sent_agents in agents {
+                let mut metadata = HeaderMap::new();
+                metadata.insert(ECHO_REQUEST_HEAD, HeaderValue::from_static("1"));
+                for agent in sent_agents {
+                    metadata.append(
+                        http::header::USER_AGENT,
+                        HeaderValue::from_str(agent).unwrap(),
+                    );
+                }
+                let raw = within(
+                    LIMIT,
+                    "raw call",
+                    raw_grpc_call_as(
+                        pipeline.app_addr,
+                        path,
+                        &["application/grpc"],
+                        &metadata,
+                        grpc_frame(&EchoRequest::default()),
+                    ),
+                )
+                .await
+                .expect("raw call");
+                calls += 1;
+                let what = format!("round {round}, {path}, user-agents {sent_agents:?}");
+                assert_eq!(raw.grpc_status(), Some("0"), "{what}: {raw:?}");
+                assert_eq!(raw.headers["echo-path"], path, "{what}");
+                let seen: Vec<_> = raw.headers.get_all("echo-user-agent").iter().collect();
+                assert_eq!(seen, sent_agents.to_vec(), "{what}");
+            }
+        }
+    }
+    assert_eq!(pipeline.echo.state().calls_started(), calls);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

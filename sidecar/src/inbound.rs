@@ -43,11 +43,13 @@ use crate::metrics::{metrics, DirectionLabels, LimitLabels, OpenPeerConnection, 
 use crate::wire::body::{
     pump_body, pump_into_h2, start_pump, H2RecvBody, H3RecvBody, H3Send, PumpEnd,
 };
+use crate::wire::field_memory::ReceivedFields;
 use crate::wire::grpc::strip_hop_by_hop;
 use crate::wire::grpc::{self, Code};
 use crate::wire::h2_peer::{peer_reason, H2PeerRecvBody, H2PeerSend};
 use crate::wire::h3_guard::{GuardedConnection, HeaderBudget};
 use crate::wire::h3_quic::{QuicSend, StopWatch, StopWatches};
+use crate::wire::quic::HopConvention;
 
 type PeerSend = h3::server::RequestStream<QuicSend<Bytes>, Bytes>;
 type AppSender = h2::client::SendRequest<Bytes>;
@@ -72,10 +74,13 @@ struct Caller {
     /// Whether the handshake settled that both ends imply gRPC's usual fields (see
     /// [`grpc::imply_grpc_defaults`]).
     implies_grpc_defaults: bool,
+    /// The path and user-agent slots of this connection, when both ends remember them (see
+    /// [`crate::wire::field_memory`]).
+    fields: Option<ReceivedFields>,
 }
 
 impl Caller {
-    fn new(identity: Option<Arc<str>>, implies_grpc_defaults: bool) -> Caller {
+    fn new(identity: Option<Arc<str>>, convention: HopConvention) -> Caller {
         let header = identity
             .as_deref()
             .and_then(|id| http::HeaderValue::from_str(id).ok());
@@ -83,7 +88,8 @@ impl Caller {
             identity,
             header,
             features_said: AtomicBool::new(false),
-            implies_grpc_defaults,
+            implies_grpc_defaults: convention.implies_grpc_defaults(),
+            fields: convention.remembers_fields().then(ReceivedFields::default),
         }
     }
 }
@@ -545,7 +551,7 @@ async fn serve_connection(
 ) {
     let caller = Arc::new(Caller::new(
         identity,
-        crate::wire::quic::speaks_sidecar_h3(&connection),
+        crate::wire::quic::hop_convention(&connection),
     ));
     let remote = connection.remote_address();
     let limits = &guard.limits;
@@ -786,7 +792,7 @@ async fn serve_h2_connection(
     identity: Option<Arc<str>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let caller = Arc::new(Caller::new(identity, false));
+    let caller = Arc::new(Caller::new(identity, HopConvention::PlainH3));
     let per_peer = Gate::new(guard.per_peer);
     let mut draining = false;
     loop {
@@ -1045,6 +1051,26 @@ async fn handle_call<S, B>(
     B: Body<Data = Bytes> + Unpin + Send + 'static,
     B::Error: std::error::Error + Send + 'static,
 {
+    // First, before any answer: the caller's sidecar takes any answer as proof that this
+    // request's head, and the slots it defined, were read.
+    let mut request = request;
+    let remembered_path = match &caller.fields {
+        Some(fields) => {
+            let (head, ()) = request.into_parts();
+            let mut head = head;
+            let restored = fields.restore(&head.uri, &mut head.headers);
+            request = Request::from_parts(head, ());
+            match restored {
+                Ok(path) => Some(path),
+                Err(error) => {
+                    tracing::debug!(%error, "peer request head unreadable");
+                    send_status(&mut send, Code::Internal, &error.to_string()).await;
+                    return;
+                }
+            }
+        }
+        None => None,
+    };
     if let Verdict::Denied(message) = guard.authorize(caller.identity.as_deref()) {
         metrics().inbound_denied.inc();
         metrics()
@@ -1072,13 +1098,13 @@ async fn handle_call<S, B>(
     let mut uri = http::uri::Parts::default();
     uri.scheme = Some(Scheme::HTTP);
     uri.authority = Some(app.authority.clone());
-    uri.path_and_query = Some(
+    uri.path_and_query = Some(remembered_path.unwrap_or_else(|| {
         parts
             .uri
             .path_and_query()
             .cloned()
-            .unwrap_or_else(|| PathAndQuery::from_static("/")),
-    );
+            .unwrap_or_else(|| PathAndQuery::from_static("/"))
+    }));
     let uri = match Uri::from_parts(uri) {
         Ok(uri) => uri,
         Err(error) => {
@@ -1361,7 +1387,10 @@ mod tests {
         let mut headers = http::HeaderMap::new();
         headers.append(PEER_IDENTITY_HEADER, "spiffe://forged/a".parse().unwrap());
         headers.append(PEER_IDENTITY_HEADER, "spiffe://forged/b".parse().unwrap());
-        let caller = Caller::new(Some(Arc::from("spiffe://td/ns/x/sa/y")), false);
+        let caller = Caller::new(
+            Some(Arc::from("spiffe://td/ns/x/sa/y")),
+            HopConvention::PlainH3,
+        );
         set_peer_identity(&mut headers, caller.header.clone());
         let values: Vec<_> = headers.get_all(PEER_IDENTITY_HEADER).iter().collect();
         assert_eq!(values, vec!["spiffe://td/ns/x/sa/y"]);

@@ -23,6 +23,7 @@ use crate::outbound::replay::RequestSource;
 use crate::outbound::upstream::CallRecord;
 use crate::outbound::upstream::Upstream;
 use crate::wire::body::{start_pump, H3RecvBody, H3Send, PumpEnd, StreamFailure};
+use crate::wire::field_memory::Defined;
 use crate::wire::grpc::{self, Code};
 use crate::wire::h2_peer::{self, H2PeerRecvBody, H2PeerSend};
 use crate::wire::h3_quic::QuicRecv;
@@ -105,7 +106,8 @@ async fn within<F: Future>(deadline: Option<Instant>, future: F) -> Option<F::Ou
 }
 
 /// The request as the upstream sidecar receives it: the remaining deadline in `grpc-timeout`,
-/// `grpc-previous-rpc-attempts` on retries, our server name as `:authority`, `te: trailers`
+/// `grpc-previous-rpc-attempts` on retries, our server name as `:authority` (or, where both ends
+/// remember fields, the slots it refers to: see [`crate::wire::field_memory`]), `te: trailers`
 /// unless the peer said it restores it (see [`grpc::FEATURES`]), and gRPC's usual fields
 /// implied where the connection's handshake settled that (see
 /// [`grpc::imply_grpc_defaults`]).
@@ -114,17 +116,24 @@ fn upstream_request(
     authority: &Authority,
     previous_attempts: u32,
     link: &Link,
-) -> Result<Request<()>, String> {
+) -> Result<(Request<()>, Defined), String> {
+    let mut headers = call.headers.clone();
+    let (authority, path, defined) = match link.fields() {
+        Some(fields) => {
+            let encoded = fields.encode(&call.path, &mut headers);
+            (encoded.authority, encoded.path, encoded.defined)
+        }
+        None => (authority.clone(), call.path.clone(), Defined::default()),
+    };
     let mut uri = http::uri::Parts::default();
     uri.scheme = Some(Scheme::HTTPS);
-    uri.authority = Some(authority.clone());
-    uri.path_and_query = Some(call.path.clone());
+    uri.authority = Some(authority);
+    uri.path_and_query = Some(path);
     let mut request = Request::new(());
     *request.method_mut() = call.method.clone();
     // Scheme, authority and path were each parsed already, so only their combination is checked.
     *request.uri_mut() = http::Uri::from_parts(uri)
         .map_err(|e| format!("cannot forward path {:?}: {e}", call.path.as_str()))?;
-    let mut headers = call.headers.clone();
     if let Some(deadline) = call.deadline {
         let remaining = deadline.saturating_duration_since(Instant::now());
         headers.insert(grpc::GRPC_TIMEOUT, grpc::format_timeout(remaining));
@@ -142,7 +151,7 @@ fn upstream_request(
         grpc::imply_grpc_defaults(&mut headers);
     }
     *request.headers_mut() = headers;
-    Ok(request)
+    Ok((request, defined))
 }
 
 /// Makes one attempt. `source` supplies the request body; `record` describes the call for the
@@ -196,15 +205,16 @@ pub async fn attempt(
     // Counted as waiting on the connection until response headers arrive: the connection's
     // watchdog judges the peer's silence only while someone waits.
     let waiting = link.waiting();
-    let request = match upstream_request(call, &upstream.authority, previous_attempts, &link) {
-        Ok(request) => request,
-        Err(reason) => {
-            return AttemptOutcome::Failed {
-                code: Code::Internal,
-                message: label(&reason),
+    let (request, defined) =
+        match upstream_request(call, &upstream.authority, previous_attempts, &link) {
+            Ok(prepared) => prepared,
+            Err(reason) => {
+                return AttemptOutcome::Failed {
+                    code: Code::Internal,
+                    message: label(&reason),
+                }
             }
-        }
-    };
+        };
     // The response side tells the request pump when to stop: H3_NO_ERROR once the response is
     // complete, H3_REQUEST_CANCELLED when the app cancelled, the deadline passed or the attempt
     // was abandoned for a retry.
@@ -269,6 +279,10 @@ pub async fn attempt(
     };
     drop(waiting);
     in_flight.answered();
+    // The peer read this request's head before answering, so it holds what the head defined.
+    if let Some(fields) = link.fields() {
+        fields.confirm(defined);
+    }
     let mut parts = head;
     if !link.peer_restores_te() && grpc::announces_te(&parts.headers) {
         link.note_peer_restores_te();
@@ -557,6 +571,7 @@ impl Drop for UpstreamBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wire::quic::HopConvention;
 
     fn call() -> CallRequest {
         let mut headers = HeaderMap::new();
@@ -575,12 +590,16 @@ mod tests {
         let unknown_peer = Link::default();
         let restoring_peer = Link::default();
         restoring_peer.note_peer_restores_te();
-        let to_unknown_peer = upstream_request(&call(), &authority, 0, &unknown_peer).unwrap();
+        let to_unknown_peer = upstream_request(&call(), &authority, 0, &unknown_peer)
+            .unwrap()
+            .0;
         assert_eq!(
             to_unknown_peer.headers().get(http::header::TE),
             Some(&HeaderValue::from_static("trailers"))
         );
-        let to_restoring_peer = upstream_request(&call(), &authority, 0, &restoring_peer).unwrap();
+        let to_restoring_peer = upstream_request(&call(), &authority, 0, &restoring_peer)
+            .unwrap()
+            .0;
         assert!(!to_restoring_peer.headers().contains_key(http::header::TE));
         for request in [&to_unknown_peer, &to_restoring_peer] {
             assert_eq!(request.headers()["x-user"], "kept");
@@ -596,12 +615,26 @@ mod tests {
             http::header::CONTENT_TYPE,
             HeaderValue::from_static("application/grpc"),
         );
-        let to_plain_h3 = upstream_request(&grpc_call, &authority, 0, &Link::new(false)).unwrap();
+        let to_plain_h3 = upstream_request(
+            &grpc_call,
+            &authority,
+            0,
+            &Link::new(HopConvention::PlainH3),
+        )
+        .unwrap()
+        .0;
         assert_eq!(
             to_plain_h3.headers()[http::header::CONTENT_TYPE],
             "application/grpc"
         );
-        let to_sidecar_h3 = upstream_request(&grpc_call, &authority, 0, &Link::new(true)).unwrap();
+        let to_sidecar_h3 = upstream_request(
+            &grpc_call,
+            &authority,
+            0,
+            &Link::new(HopConvention::GrpcDefaults),
+        )
+        .unwrap()
+        .0;
         assert!(!to_sidecar_h3
             .headers()
             .contains_key(http::header::CONTENT_TYPE));
@@ -611,5 +644,35 @@ mod tests {
             grpc_call.headers[http::header::CONTENT_TYPE],
             "application/grpc"
         );
+    }
+
+    #[test]
+    fn where_both_ends_remember_fields_a_confirmed_path_and_agent_leave_the_hop() {
+        let authority = Authority::from_static("locality-sidecar");
+        let mut app_call = call();
+        app_call.headers.insert(
+            http::header::USER_AGENT,
+            HeaderValue::from_static("grpc-dotnet/2.66"),
+        );
+        let link = Link::new(HopConvention::GrpcDefaultsAndFieldMemory);
+        let (first, defined) = upstream_request(&app_call, &authority, 0, &link).unwrap();
+        assert_eq!(first.uri(), "https://q0v0/echo.Echo/Unary");
+        assert_eq!(
+            first.headers()[http::header::USER_AGENT],
+            "grpc-dotnet/2.66"
+        );
+        link.fields().unwrap().confirm(defined);
+        let (steady, _) = upstream_request(&app_call, &authority, 0, &link).unwrap();
+        assert_eq!(steady.uri(), "https://p0u0/");
+        assert!(!steady.headers().contains_key(http::header::USER_AGENT));
+        assert_eq!(steady.headers()["x-user"], "kept");
+        // The call's own headers stay as the app sent them, for the next attempt.
+        assert_eq!(
+            app_call.headers[http::header::USER_AGENT],
+            "grpc-dotnet/2.66"
+        );
+        let older_peer = Link::new(HopConvention::GrpcDefaults);
+        let (plain, _) = upstream_request(&app_call, &authority, 0, &older_peer).unwrap();
+        assert_eq!(plain.uri(), "https://locality-sidecar/echo.Echo/Unary");
     }
 }

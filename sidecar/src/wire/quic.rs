@@ -24,6 +24,7 @@ use quinn::{AckFrequencyConfig, EndpointConfig, IdleTimeout, TransportConfig, Va
 
 use crate::endpoints::ranking::{EndpointLoad, RankingWatch};
 use crate::metrics::{metrics, DirectionLabels, OpenPeerConnection};
+use crate::wire::field_memory::SentFields;
 use crate::wire::h2_peer;
 use crate::wire::h3_quic::{QuicConnection, QuicOpener};
 use crate::wire::udp::SidecarQuicRuntime;
@@ -239,22 +240,24 @@ fn endpoint_with(
 /// A connection's liveness as the calls on it see it: how many wait for response headers (the
 /// watchdog only judges silence while someone waits), and whether its loss was already counted
 /// against the endpoint, so one dead connection is one failure, not one per call it carried.
-/// Also what the peer sidecar said it does (see [`crate::wire::grpc::announces_te`]), and
-/// whether both ends imply gRPC's usual fields on this connection.
+/// Also what the peer sidecar said it does (see [`crate::wire::grpc::announces_te`]), and what
+/// the handshake settled about the hop's headers ([`HopConvention`]).
 #[derive(Debug, Default)]
 pub struct Link {
     waiting: AtomicUsize,
     loss_reported: AtomicBool,
     peer_restores_te: AtomicBool,
     implies_grpc_defaults: bool,
+    /// The path and user-agent slots of this connection, when both ends remember them.
+    fields: Option<SentFields>,
 }
 
 impl Link {
-    /// A connection whose handshake settled whether both ends imply gRPC's usual fields (see
-    /// [`crate::wire::grpc::imply_grpc_defaults`]).
-    pub fn new(implies_grpc_defaults: bool) -> Link {
+    /// A connection whose handshake settled `convention`.
+    pub fn new(convention: HopConvention) -> Link {
         Link {
-            implies_grpc_defaults,
+            implies_grpc_defaults: convention.implies_grpc_defaults(),
+            fields: convention.remembers_fields().then(SentFields::default),
             ..Link::default()
         }
     }
@@ -262,6 +265,12 @@ impl Link {
     /// Whether requests and responses on this connection carry gRPC's usual fields implied.
     pub fn implies_grpc_defaults(&self) -> bool {
         self.implies_grpc_defaults
+    }
+
+    /// The path and user-agent slots, when both ends remember them (see
+    /// [`crate::wire::field_memory`]).
+    pub fn fields(&self) -> Option<&SentFields> {
+        self.fields.as_ref()
     }
 
     /// Marks one call as waiting for response headers until the guard is dropped.
@@ -797,7 +806,7 @@ fn install_quic(
 ) -> ConnectResult {
     let pooled = PooledSender {
         sender: PeerSender::H3(sender),
-        link: Arc::new(Link::new(speaks_sidecar_h3(&connection))),
+        link: Arc::new(Link::new(hop_convention(&connection))),
         peer_identity: peer_identity(&connection).map(Arc::from),
     };
     if slot.evicted.load(Ordering::Acquire) {
@@ -897,13 +906,41 @@ pub fn peer_identity(connection: &quinn::Connection) -> Option<String> {
     crate::wire::tls::spiffe_id(&chain)
 }
 
-/// Whether both ends agreed on [`crate::wire::tls::ALPN_H3_SIDECAR`] in the handshake: the peer
-/// is a sidecar that implies gRPC's usual fields on the hop, as this one does.
-pub fn speaks_sidecar_h3(connection: &quinn::Connection) -> bool {
-    connection
+/// What both ends of a QUIC connection agreed in the handshake (ALPN) about the hop's headers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum HopConvention {
+    /// Plain HTTP/3: the peer is not a sidecar, or one older than the conventions below.
+    #[default]
+    PlainH3,
+    /// [`crate::wire::tls::ALPN_H3_SIDECAR`]: gRPC's usual fields implied (see
+    /// [`crate::wire::grpc::imply_grpc_defaults`]).
+    GrpcDefaults,
+    /// [`crate::wire::tls::ALPN_H3_SIDECAR_MEMORY`]: that, and each request's path and
+    /// user-agent remembered per connection (see [`crate::wire::field_memory`]).
+    GrpcDefaultsAndFieldMemory,
+}
+
+impl HopConvention {
+    pub fn implies_grpc_defaults(self) -> bool {
+        self != HopConvention::PlainH3
+    }
+
+    pub fn remembers_fields(self) -> bool {
+        self == HopConvention::GrpcDefaultsAndFieldMemory
+    }
+}
+
+/// The convention `connection`'s handshake settled.
+pub fn hop_convention(connection: &quinn::Connection) -> HopConvention {
+    let protocol = connection
         .handshake_data()
         .and_then(|data| data.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
-        .is_some_and(|data| data.protocol.as_deref() == Some(crate::wire::tls::ALPN_H3_SIDECAR))
+        .and_then(|data| data.protocol);
+    match protocol.as_deref() {
+        Some(crate::wire::tls::ALPN_H3_SIDECAR_MEMORY) => HopConvention::GrpcDefaultsAndFieldMemory,
+        Some(crate::wire::tls::ALPN_H3_SIDECAR) => HopConvention::GrpcDefaults,
+        _ => HopConvention::PlainH3,
+    }
 }
 
 /// One QUIC handshake and HTTP/3 set-up; spawns the task that drives the connection.

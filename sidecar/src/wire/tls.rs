@@ -37,8 +37,12 @@ pub const ALPN_H3: &[u8] = b"h3";
 /// sidecar of an older version (or any other HTTP/3 peer) only knows `h3` and gets the
 /// request and response headers unchanged.
 pub const ALPN_H3_SIDECAR: &[u8] = b"locality-sidecar-h3/1";
+/// [`ALPN_H3_SIDECAR`], and both ends also remember each request's path and user-agent per
+/// connection (see [`crate::wire::field_memory`]). A sidecar of the version before only knows
+/// `/1` and agrees on that.
+pub const ALPN_H3_SIDECAR_MEMORY: &[u8] = b"locality-sidecar-h3/2";
 /// What the QUIC side offers and accepts, in order of preference.
-const QUIC_ALPNS: [&[u8]; 2] = [ALPN_H3_SIDECAR, ALPN_H3];
+const QUIC_ALPNS: [&[u8]; 3] = [ALPN_H3_SIDECAR_MEMORY, ALPN_H3_SIDECAR, ALPN_H3];
 
 /// How often the certificate files are read for changes. Reading three small files a second
 /// costs nothing, sees the kubelet's symlink swap as surely as a file event would (inotify
@@ -740,8 +744,9 @@ mod tests {
         live.quic_client_config().unwrap();
     }
 
-    /// Real QUIC handshakes on loopback: two sidecars settle on their own HTTP/3 convention;
-    /// a peer offering only plain `h3` (an older sidecar) is served plain HTTP/3.
+    /// Real QUIC handshakes on loopback: two sidecars settle on their newest HTTP/3 convention,
+    /// a sidecar of the version before on the one it knows, and a peer offering only plain
+    /// `h3` is served plain HTTP/3.
     #[tokio::test]
     async fn sidecars_agree_on_their_h3_convention_and_a_plain_h3_peer_gets_plain_h3() {
         install_crypto_provider();
@@ -754,10 +759,21 @@ mod tests {
         )
         .unwrap();
         let address = server.local_addr().unwrap();
-        let plain_h3 = QuicClientConfig::try_from(live.client_config(&[ALPN_H3]).unwrap()).unwrap();
+        let offering = |alpns: &[&[u8]]| {
+            QuicClientConfig::try_from(live.client_config(alpns).unwrap()).unwrap()
+        };
+        use crate::wire::quic::HopConvention;
         for (client_crypto, agreed) in [
-            (live.quic_client_config().unwrap(), true),
-            (plain_h3, false),
+            (
+                live.quic_client_config().unwrap(),
+                HopConvention::GrpcDefaultsAndFieldMemory,
+            ),
+            // The sidecar version before field memory.
+            (
+                offering(&[ALPN_H3_SIDECAR, ALPN_H3]),
+                HopConvention::GrpcDefaults,
+            ),
+            (offering(&[ALPN_H3]), HopConvention::PlainH3),
         ] {
             let mut client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
             client.set_default_client_config(quinn::ClientConfig::new(Arc::new(client_crypto)));
@@ -767,8 +783,8 @@ mod tests {
             let accepting = async { server.accept().await.unwrap().await };
             let (ours, theirs) = tokio::join!(connecting, accepting);
             let (ours, theirs) = (ours.unwrap(), theirs.unwrap());
-            assert_eq!(crate::wire::quic::speaks_sidecar_h3(&ours), agreed);
-            assert_eq!(crate::wire::quic::speaks_sidecar_h3(&theirs), agreed);
+            assert_eq!(crate::wire::quic::hop_convention(&ours), agreed);
+            assert_eq!(crate::wire::quic::hop_convention(&theirs), agreed);
             ours.close(0u32.into(), b"done");
         }
     }

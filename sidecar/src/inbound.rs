@@ -1053,24 +1053,21 @@ async fn handle_call<S, B>(
 {
     // First, before any answer: the caller's sidecar takes any answer as proof that this
     // request's head, and the slots it defined, were read.
-    let mut request = request;
-    let remembered_path = match &caller.fields {
-        Some(fields) => {
-            let (head, ()) = request.into_parts();
-            let mut head = head;
-            let restored = fields.restore(&head.uri, &mut head.headers);
-            request = Request::from_parts(head, ());
-            match restored {
-                Ok(path) => Some(path),
-                Err(error) => {
-                    tracing::debug!(%error, "peer request head unreadable");
-                    send_status(&mut send, Code::Internal, &error.to_string()).await;
-                    return;
-                }
-            }
-        }
+    let (mut head, ()) = request.into_parts();
+    let remembered_path = match caller
+        .fields
+        .as_ref()
+        .map(|fields| fields.restore(&head.uri, &mut head.headers))
+    {
         None => None,
+        Some(Ok(path)) => Some(path),
+        Some(Err(error)) => {
+            tracing::debug!(%error, "peer request head unreadable");
+            send_status(&mut send, Code::Internal, &error.to_string()).await;
+            return;
+        }
     };
+    let request = Request::from_parts(head, ());
     if let Verdict::Denied(message) = guard.authorize(caller.identity.as_deref()) {
         metrics().inbound_denied.inc();
         metrics()

@@ -381,6 +381,16 @@ mod tests {
         headers
     }
 
+    /// The request URI as the serving side reads it off the hop.
+    fn hop_uri(encoded: &Encoded) -> Uri {
+        Uri::builder()
+            .scheme("https")
+            .authority(encoded.authority.clone())
+            .path_and_query(encoded.path.clone())
+            .build()
+            .unwrap()
+    }
+
     /// One request through both ends: what went on the hop, and what the serving side rebuilt.
     fn round_trip(
         sent: &SentFields,
@@ -393,14 +403,8 @@ mod tests {
             headers.append(USER_AGENT, HeaderValue::from_str(agent).unwrap());
         }
         let encoded = sent.encode(&PathAndQuery::try_from(path).unwrap(), &mut headers);
-        let uri = Uri::builder()
-            .scheme("https")
-            .authority(encoded.authority.clone())
-            .path_and_query(encoded.path.clone())
-            .build()
-            .unwrap();
         let restored = received
-            .restore(&uri, &mut headers)
+            .restore(&hop_uri(&encoded), &mut headers)
             .map(|path| (path, headers));
         (encoded, restored)
     }
@@ -493,13 +497,9 @@ mod tests {
             heads.push((path, encoded));
         }
         for (path, encoded) in heads.iter().rev() {
-            let uri = Uri::builder()
-                .scheme("https")
-                .authority(encoded.authority.clone())
-                .path_and_query(encoded.path.clone())
-                .build()
+            let restored = received
+                .restore(&hop_uri(encoded), &mut HeaderMap::new())
                 .unwrap();
-            let restored = received.restore(&uri, &mut HeaderMap::new()).unwrap();
             assert_eq!(restored.as_str(), *path);
             sent.confirm(encoded.defined);
         }

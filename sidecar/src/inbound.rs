@@ -1067,7 +1067,6 @@ async fn handle_call<S, B>(
             return;
         }
     };
-    let request = Request::from_parts(head, ());
     if let Verdict::Denied(message) = guard.authorize(caller.identity.as_deref()) {
         metrics().inbound_denied.inc();
         metrics()
@@ -1080,12 +1079,12 @@ async fn handle_call<S, B>(
         return;
     }
     let arrived = Instant::now();
-    let deadline = request
-        .headers()
+    let deadline = head
+        .headers
         .get(grpc::GRPC_TIMEOUT)
         .and_then(grpc::parse_timeout)
         .map(|timeout| arrived + timeout);
-    let (mut parts, ()) = request.into_parts();
+    let mut parts = head;
     strip_hop_by_hop(&mut parts.headers);
     if caller.implies_grpc_defaults {
         grpc::restore_grpc_defaults(&mut parts.headers);

@@ -21,6 +21,7 @@
 //! order the streams arrive in. A slot keeps its value for the connection's life on both sides;
 //! a definition that got no answer is sent again with the next request of that value.
 
+use std::fmt::Write as _;
 use std::sync::Mutex;
 
 use http::header::USER_AGENT;
@@ -94,22 +95,26 @@ fn field_use<T: PartialEq + Clone>(
 fn reference_authority(path: FieldUse, agent: FieldUse) -> String {
     let mut text = String::with_capacity(8);
     for (field, define, refer) in [(path, 'q', 'p'), (agent, 'v', 'u')] {
-        match field {
-            FieldUse::Literal => {}
-            FieldUse::Define(slot) => {
-                text.push(define);
-                text.push_str(&slot.to_string());
-            }
-            FieldUse::Refer(slot) => {
-                text.push(refer);
-                text.push_str(&slot.to_string());
-            }
-        }
+        // Writing to a String cannot fail.
+        let _ = match field {
+            FieldUse::Literal => Ok(()),
+            FieldUse::Define(slot) => write!(text, "{define}{slot}"),
+            FieldUse::Refer(slot) => write!(text, "{refer}{slot}"),
+        };
     }
     if text.is_empty() {
         text.push_str(NOTHING_REMEMBERED);
     }
     text
+}
+
+/// The request's user-agent when it has exactly one; only then is it remembered.
+fn single_user_agent(headers: &HeaderMap) -> Option<&HeaderValue> {
+    let mut agents = headers.get_all(USER_AGENT).iter();
+    match (agents.next(), agents.next()) {
+        (Some(agent), None) => Some(agent),
+        _ => None,
+    }
 }
 
 /// The slots a request defined, to be confirmed once its response headers arrive.
@@ -159,11 +164,6 @@ impl SentFields {
     /// How a request to `path` goes on the hop; the user-agent is taken out of `headers` when
     /// the request refers to it.
     pub fn encode(&self, path: &PathAndQuery, headers: &mut HeaderMap) -> Encoded {
-        let mut agents = headers.get_all(USER_AGENT).iter();
-        let agent = match (agents.next(), agents.next()) {
-            (Some(agent), None) => Some(agent.clone()),
-            _ => None,
-        };
         let Ok(mut slots) = self.slots.lock() else {
             return literal(path);
         };
@@ -173,7 +173,7 @@ impl SentFields {
             MAX_PATHS,
             path.as_str().len() <= MAX_REMEMBERED_BYTES && path.as_str() != "/",
         );
-        let agent_use = match &agent {
+        let agent_use = match single_user_agent(headers) {
             Some(agent) => field_use(
                 &mut slots.agents,
                 agent,
@@ -235,30 +235,38 @@ fn literal(path: &PathAndQuery) -> Encoded {
     }
 }
 
-/// The slots a request's `:authority` names: (kind letter, slot) pairs.
-fn parse_reference(authority: &str) -> Result<Vec<(char, usize)>, FieldMemoryError> {
+/// What a request's `:authority` says it does with its path and user-agent: the inverse of
+/// [`reference_authority`].
+fn parse_reference(authority: &str) -> Result<(FieldUse, FieldUse), FieldMemoryError> {
     let malformed = || FieldMemoryError::Malformed(authority.to_string());
+    let (mut path, mut agent) = (FieldUse::Literal, FieldUse::Literal);
     if authority == NOTHING_REMEMBERED {
-        return Ok(Vec::new());
+        return Ok((path, agent));
     }
-    let mut tokens = Vec::with_capacity(2);
-    let mut rest = authority;
-    while let Some(kind) = rest.chars().next() {
-        if !matches!(kind, 'p' | 'q' | 'u' | 'v') {
-            return Err(malformed());
-        }
-        let digits = rest[1..]
-            .find(|c: char| !c.is_ascii_digit())
-            .map_or(rest.len(), |end| end + 1);
-        let slot: usize = rest[1..digits].parse().map_err(|_| malformed())?;
-        tokens.push((kind, slot));
-        rest = &rest[digits..];
-    }
-    let count = |kinds: [char; 2]| tokens.iter().filter(|(k, _)| kinds.contains(k)).count();
-    if tokens.is_empty() || count(['p', 'q']) > 1 || count(['u', 'v']) > 1 {
+    if authority.is_empty() {
         return Err(malformed());
     }
-    Ok(tokens)
+    let mut rest = authority;
+    while let Some(kind) = rest.chars().next() {
+        let (field, use_of): (&mut FieldUse, fn(usize) -> FieldUse) = match kind {
+            'q' => (&mut path, FieldUse::Define),
+            'p' => (&mut path, FieldUse::Refer),
+            'v' => (&mut agent, FieldUse::Define),
+            'u' => (&mut agent, FieldUse::Refer),
+            _ => return Err(malformed()),
+        };
+        // The kind letter is ASCII, so the digits start at byte 1.
+        let end = rest[1..]
+            .find(|c: char| !c.is_ascii_digit())
+            .map_or(rest.len(), |end| end + 1);
+        let slot: usize = rest[1..end].parse().map_err(|_| malformed())?;
+        if *field != FieldUse::Literal {
+            return Err(malformed());
+        }
+        *field = use_of(slot);
+        rest = &rest[end..];
+    }
+    Ok((path, agent))
 }
 
 #[derive(Debug)]
@@ -333,38 +341,36 @@ impl ReceivedFields {
             .cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
         let authority = uri.authority().map_or("", Authority::as_str);
-        let tokens = parse_reference(authority)?;
-        if tokens.is_empty() {
+        let (path_use, agent_use) = parse_reference(authority)?;
+        if (path_use, agent_use) == (FieldUse::Literal, FieldUse::Literal) {
             return Ok(sent_path);
         }
         let mut slots = self
             .slots
             .lock()
             .map_err(|_| FieldMemoryError::Malformed(authority.to_string()))?;
-        let mut path = sent_path;
-        for (kind, slot) in tokens {
-            match kind {
-                'q' => {
-                    let fits = path.as_str().len() <= MAX_REMEMBERED_BYTES;
-                    remember(&mut slots.paths, slot, Some(&path), "path", fits)?
+        let path = match path_use {
+            FieldUse::Literal => sent_path,
+            FieldUse::Define(slot) => {
+                let fits = sent_path.as_str().len() <= MAX_REMEMBERED_BYTES;
+                remember(&mut slots.paths, slot, Some(&sent_path), "path", fits)?;
+                sent_path
+            }
+            FieldUse::Refer(slot) => recall(&slots.paths, slot, "path")?,
+        };
+        match agent_use {
+            FieldUse::Literal => {}
+            FieldUse::Define(slot) => {
+                let agent = single_user_agent(headers);
+                let fits = agent.is_some_and(|agent| agent.len() <= MAX_REMEMBERED_BYTES);
+                remember(&mut slots.agents, slot, agent, "user-agent", fits)?;
+            }
+            FieldUse::Refer(slot) => {
+                let agent = recall(&slots.agents, slot, "user-agent")?;
+                if headers.contains_key(USER_AGENT) {
+                    return Err(FieldMemoryError::Malformed(authority.to_string()));
                 }
-                'p' => path = recall(&slots.paths, slot, "path")?,
-                'v' => {
-                    let mut agents = headers.get_all(USER_AGENT).iter();
-                    let agent = match (agents.next(), agents.next()) {
-                        (Some(agent), None) => Some(agent),
-                        _ => None,
-                    };
-                    let fits = agent.is_some_and(|agent| agent.len() <= MAX_REMEMBERED_BYTES);
-                    remember(&mut slots.agents, slot, agent, "user-agent", fits)?
-                }
-                _ => {
-                    let agent = recall(&slots.agents, slot, "user-agent")?;
-                    if headers.contains_key(USER_AGENT) {
-                        return Err(FieldMemoryError::Malformed(authority.to_string()));
-                    }
-                    headers.insert(USER_AGENT, agent);
-                }
+                headers.insert(USER_AGENT, agent);
             }
         }
         Ok(path)

@@ -4,19 +4,21 @@
 # `--setups`, `--duration`, `--json`, `--svg`, `--allocations`, `--instructions`, `--help`).
 #
 # Builds every release binary (the sidecar and echo server are separate processes under test),
-# installs HAProxy and nginx from Debian when they are missing and this shell may install
-# packages, then runs target/release/bench. Without them the benchmark still runs and says
-# "not installed" in their columns.
+# installs HAProxy, nginx and h2load from Debian when they are missing and this shell may install
+# packages, then runs target/release/bench. Without them the benchmark still runs: HAProxy's and
+# nginx's columns say "not installed", and the h2load-* scenarios are left out.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
 
 cargo build --release --workspace --bins
 
+# program:Debian package; h2load (nghttp2-client) drives the h2load-* scenarios.
 missing=()
-for program in haproxy nginx; do
+for entry in haproxy:haproxy nginx:nginx h2load:nghttp2-client; do
+  program="${entry%%:*}"
   if ! command -v "$program" >/dev/null 2>&1 && [ ! -x "/usr/sbin/$program" ]; then
-    missing+=("$program")
+    missing+=("${entry#*:}")
   fi
 done
 if [ "${#missing[@]}" -gt 0 ]; then

@@ -75,6 +75,9 @@ pub struct Outcome {
     pub measured: Duration,
     /// Open loop: how late, on average, calls were started relative to their schedule.
     pub mean_start_lag: Option<Duration>,
+    /// CPU seconds of a load generator that runs as its own process (h2load) over the measured
+    /// part; `None` when the generator is this process, whose threads are read directly.
+    pub loadgen_cpu_seconds: Option<f64>,
 }
 
 impl Outcome {

@@ -118,6 +118,11 @@ pub enum Load {
         concurrency: usize,
         size: usize,
     },
+    /// The same closed loop, driven by h2load instead of this process (`h2load.rs`).
+    H2load {
+        concurrency: usize,
+        size: usize,
+    },
     Open {
         size: usize,
         fraction: f64,
@@ -613,59 +618,91 @@ pub struct Target {
 
 const MIB: u64 = 1024 * 1024;
 
+const C1_TONIC: &str = "unary 256 B, c=1 (tonic generator): sidecar p50 ≤ direct p50 + 150 µs and ≤ HAProxy pair's p50, p99 ≤ 2× direct p99";
+const C1_H2LOAD: &str = "unary 256 B, c=1 (h2load): sidecar p50 ≤ direct p50 + 150 µs and ≤ HAProxy pair's p50, p99 ≤ 2× direct p99";
+const C128_TONIC: &str =
+    "unary 256 B, c=128 (tonic generator): sidecar throughput ≥ 1.0× HAProxy pair and ≥ 0.5× direct";
+const C128_H2LOAD: &str =
+    "unary 256 B, c=128 (h2load): sidecar throughput ≥ 1.0× HAProxy pair and ≥ 0.5× direct";
+
+/// The c=1 latency target, judged on one scenario's results.
+fn c1_target(scenario: Option<&ScenarioResult>, name: &str, text: &'static str) -> Target {
+    let mut target = Target {
+        text,
+        verdict: None,
+        detail: format!("needs {name} with direct, sidecar and haproxy"),
+    };
+    let Some(s) = scenario else {
+        return target;
+    };
+    if let (Some(side), Some(direct), Some(haproxy)) = (
+        s.setup(SetupKind::Sidecar),
+        s.setup(SetupKind::Direct),
+        s.setup(SetupKind::Haproxy),
+    ) {
+        let p50 = |r: &SetupResult| r.percentile_ns(50.0) as i64;
+        let added = p50(side) - p50(direct);
+        let haproxy_added = p50(haproxy) - p50(direct);
+        let p99 = side.percentile_ns(99.0) as f64 / direct.percentile_ns(99.0).max(1) as f64;
+        target.verdict = Some(added <= 150_000 && added <= haproxy_added && p99 <= 2.0);
+        target.detail = format!(
+            "p50 {} vs {} (adds {:.0} µs; HAProxy adds {:.0} µs); p99 {} vs {} ({p99:.2}×)",
+            fmt_ns(side.percentile_ns(50.0)),
+            fmt_ns(direct.percentile_ns(50.0)),
+            added as f64 / 1e3,
+            haproxy_added as f64 / 1e3,
+            fmt_ns(side.percentile_ns(99.0)),
+            fmt_ns(direct.percentile_ns(99.0)),
+        );
+    }
+    target
+}
+
+/// The c=128 throughput target, judged on one scenario's results.
+fn c128_target(scenario: Option<&ScenarioResult>, name: &str, text: &'static str) -> Target {
+    let mut target = Target {
+        text,
+        verdict: None,
+        detail: format!("needs {name} with direct, sidecar and haproxy"),
+    };
+    let Some(s) = scenario else {
+        return target;
+    };
+    if let (Some(side), Some(direct), Some(haproxy)) = (
+        s.setup(SetupKind::Sidecar),
+        s.setup(SetupKind::Direct),
+        s.setup(SetupKind::Haproxy),
+    ) {
+        let vs_h = side.throughput() / haproxy.throughput();
+        let vs_d = side.throughput() / direct.throughput();
+        target.verdict = Some(vs_h >= 1.0 && vs_d >= 0.5);
+        target.detail = format!(
+            "{} calls/s: {vs_h:.2}× haproxy ({}), {vs_d:.2}× direct ({})",
+            fmt_rate(side.throughput()),
+            fmt_rate(haproxy.throughput()),
+            fmt_rate(direct.throughput()),
+        );
+    }
+    target
+}
+
 /// Evaluates the targets against the results; `None` where the run lacks the figures.
 pub fn targets(scenarios: &[ScenarioResult]) -> Vec<Target> {
     let find = |name: &str| scenarios.iter().find(|s| s.name == name);
     let mut out = Vec::new();
 
-    let mut t1 = Target {
-        text:
-            "unary 256 B, c=1: sidecar p50 ≤ direct p50 + 150 µs, and sidecar p99 ≤ 2× direct p99",
-        verdict: None,
-        detail: "needs unary-256B-c1 with direct and sidecar".into(),
-    };
-    if let Some(s) = find("unary-256B-c1") {
-        if let (Some(side), Some(direct)) =
-            (s.setup(SetupKind::Sidecar), s.setup(SetupKind::Direct))
-        {
-            let added = side.percentile_ns(50.0) as i64 - direct.percentile_ns(50.0) as i64;
-            let p99 = side.percentile_ns(99.0) as f64 / direct.percentile_ns(99.0).max(1) as f64;
-            t1.verdict = Some(added <= 150_000 && p99 <= 2.0);
-            t1.detail = format!(
-                "p50 {} vs {} (adds {:.0} µs); p99 {} vs {} ({p99:.2}×)",
-                fmt_ns(side.percentile_ns(50.0)),
-                fmt_ns(direct.percentile_ns(50.0)),
-                added as f64 / 1e3,
-                fmt_ns(side.percentile_ns(99.0)),
-                fmt_ns(direct.percentile_ns(99.0)),
-            );
-        }
+    for (name, generator) in [
+        ("unary-256B-c1", C1_TONIC),
+        ("h2load-unary-256B-c1", C1_H2LOAD),
+    ] {
+        out.push(c1_target(find(name), name, generator));
     }
-    out.push(t1);
-
-    let mut t2 = Target {
-        text: "unary 256 B, c=128: sidecar throughput ≥ 1.0× HAProxy pair and ≥ 0.5× direct",
-        verdict: None,
-        detail: "needs unary-256B-c128 with direct, sidecar and haproxy".into(),
-    };
-    if let Some(s) = find("unary-256B-c128") {
-        if let (Some(side), Some(direct), Some(haproxy)) = (
-            s.setup(SetupKind::Sidecar),
-            s.setup(SetupKind::Direct),
-            s.setup(SetupKind::Haproxy),
-        ) {
-            let vs_h = side.throughput() / haproxy.throughput();
-            let vs_d = side.throughput() / direct.throughput();
-            t2.verdict = Some(vs_h >= 1.0 && vs_d >= 0.5);
-            t2.detail = format!(
-                "{} calls/s: {vs_h:.2}× haproxy ({}), {vs_d:.2}× direct ({})",
-                fmt_rate(side.throughput()),
-                fmt_rate(haproxy.throughput()),
-                fmt_rate(direct.throughput()),
-            );
-        }
+    for (name, generator) in [
+        ("unary-256B-c128", C128_TONIC),
+        ("h2load-unary-256B-c128", C128_H2LOAD),
+    ] {
+        out.push(c128_target(find(name), name, generator));
     }
-    out.push(t2);
 
     let mut t3 = Target {
         text: "each sidecar < 20 MiB RSS idle",

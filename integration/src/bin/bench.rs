@@ -15,6 +15,8 @@
 //! with the link clean and with random loss on it (1% each way by default), so the share of
 //! throughput a setup keeps under loss comes from the same processes in the same run.
 
+#[path = "../bench/h2load.rs"]
+mod h2load;
 #[path = "../bench/load.rs"]
 mod load;
 #[path = "../bench/procs.rs"]
@@ -136,6 +138,9 @@ struct Scenario {
 /// Prefix of the scenarios that run across a lossy link.
 const LOSSY_PREFIX: &str = "lossy-";
 
+/// Prefix of the scenarios driven by h2load.
+const H2LOAD_PREFIX: &str = "h2load-";
+
 /// Why the lossy-link scenarios cannot run here (they need root, `ip` and `nft`), if so.
 fn lossy_unavailable() -> Option<String> {
     if !integration::harness::running_as_root() {
@@ -168,6 +173,19 @@ fn scenarios(args: &Args) -> Vec<Scenario> {
                 lossy: false,
             });
         }
+    }
+    for concurrency in [1, 128] {
+        list.push(Scenario {
+            name: format!("{H2LOAD_PREFIX}unary-256B-c{concurrency}"),
+            about: format!(
+                "the unary-256B-c{concurrency} closed loop driven by h2load (nghttp2's load generator, one thread) instead of this process; HTTP statuses checked, not gRPC's"
+            ),
+            load: Load::H2load {
+                concurrency,
+                size: SMALL,
+            },
+            lossy: false,
+        });
     }
     list.push(Scenario {
         name: "open-loop-256B".into(),
@@ -228,6 +246,9 @@ fn scenarios(args: &Args) -> Vec<Scenario> {
         // it can build one (`main` says so when it leaves them out).
         if lossy_unavailable().is_some() {
             list.retain(|s| !s.lossy);
+        }
+        if h2load::program().is_none() {
+            list.retain(|s| !matches!(s.load, Load::H2load { .. }));
         }
     }
     if args.quick && args.only.is_empty() {
@@ -318,15 +339,17 @@ fn cpu_now(pids: &[u32], ticks: f64) -> Vec<procs::ThreadCpu> {
 }
 
 /// Runs one load against one setup, with the CPU of `pids` read around its measured part.
+/// `dir` is the scenario's directory, for files a generator needs (h2load's request and log).
 async fn run_load(
+    bench: &Bench<'_>,
     load: &Load,
     target: std::net::SocketAddr,
-    plan: &Plan,
     rate: f64,
     pids: &[u32],
     side_count: usize,
-    ticks: f64,
+    dir: &Path,
 ) -> anyhow::Result<(load::Outcome, CpuWindow)> {
+    let (plan, ticks) = (bench.plan, bench.ticks);
     let mut window = CpuWindow::default();
     let mut marks = |mark: Mark| match mark {
         Mark::Start => window.start = cpu_now(pids, ticks),
@@ -357,6 +380,26 @@ async fn run_load(
             )
             .await?
         }
+        Load::H2load { concurrency, size } => {
+            let program = h2load::program().with_context(|| {
+                format!(
+                    "h2load is not installed (apt-get install -y {}, or run ./integration/bench.sh)",
+                    h2load::PACKAGE
+                )
+            })?;
+            h2load::closed_loop(
+                &program,
+                target,
+                concurrency,
+                &payload(size),
+                warmup,
+                measure,
+                dir,
+                ticks,
+                &mut marks,
+            )
+            .await?
+        }
         Load::Open { size, .. } => {
             load::open_loop(target, rate, payload(size), warmup, measure, &mut marks).await?
         }
@@ -376,6 +419,10 @@ async fn run_load(
             .await?
         }
     };
+    if let (Some(cpu), Some(own)) = (outcome.loadgen_cpu_seconds, window.delta.last_mut()) {
+        // The generator was a child process: its CPU replaces this (idle) process's.
+        *own = cpu;
+    }
     Ok((outcome, window))
 }
 
@@ -481,7 +528,7 @@ async fn run_scenario(
         context,
         dir,
         echo_binary,
-        ticks,
+        ticks: _,
     } = *bench;
     let dir = dir.join(&scenario.name);
     std::fs::create_dir_all(&dir)?;
@@ -579,13 +626,13 @@ async fn run_scenario(
                     link.label()
                 );
                 let outcome = run_load(
+                    bench,
                     &scenario.load,
                     setup.target,
-                    plan,
                     rate.unwrap_or(0.0),
                     &pids,
                     setup.sides.len(),
-                    ticks,
+                    &dir,
                 )
                 .await;
                 record(result, outcome, scenario, &result_name(scenario, link));
@@ -944,13 +991,19 @@ async fn run(args: Args, sidecar_binary: PathBuf, echo_binary: PathBuf) -> anyho
         args.sidecar_threads
     );
     println!(
-        "load generator: this process (tonic; one HTTP/2 connection per {} concurrent calls); echo server: separate echo-server process",
+        "load generator: this process (tonic; one HTTP/2 connection per {} concurrent calls), h2load for the h2load-* scenarios (the same connections and streams); echo server: separate echo-server process",
         load::STREAMS_PER_CONNECTION
     );
     if args.only.is_empty() && !args.quick {
         if let Some(why) = lossy_unavailable() {
             println!(
                 "NOTE: the lossy-link scenarios are left out ({why}; they need root, iproute2 and nftables)"
+            );
+        }
+        if h2load::program().is_none() {
+            println!(
+                "NOTE: the h2load-* scenarios are left out: h2load is not installed (apt-get install -y {}, or run ./integration/bench.sh)",
+                h2load::PACKAGE
             );
         }
     }

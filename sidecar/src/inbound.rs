@@ -23,7 +23,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -273,51 +273,22 @@ struct AppConnection {
     driver: AbortHandle,
 }
 
-/// One multiplexed h2c connection to the local app, re-opened when it drops (app restart).
+/// Connections to the local app that calls are spread over, in turn.
 ///
-/// It speaks h2 directly rather than through hyper's client: a call then needs no hand-off to a
-/// connection task and no extra task waiting for the response, which profiles showed per call.
-pub struct AppClient {
-    address: SocketAddr,
-    /// `address` as the `:authority` of every forwarded call, parsed once.
-    authority: Authority,
+/// More than one, because an app reads each HTTP/2 connection in one loop (hyper, Kestrel and
+/// grpc-go alike): with every call on one connection the app's frame work runs on one core,
+/// and its per-connection stream limit (Kestrel: 100) caps the calls in flight to it.
+const APP_CONNECTIONS: usize = 2;
+
+/// One of [`APP_CONNECTIONS`] connections: opened on first use, re-opened when it drops.
+#[derive(Default)]
+struct AppSlot {
     live: Mutex<Option<AppConnection>>,
     connecting: tokio::sync::Mutex<()>,
-    /// Set while calls are being rejected, so a restarting app is logged once, not per call.
-    rejecting: AtomicBool,
 }
 
-impl Drop for AppClient {
-    /// A replaced connection's task ends on its own (it is closed or going away); the current
-    /// one would idle on until the process exits.
-    fn drop(&mut self) {
-        let live = self
-            .live
-            .get_mut()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some(connection) = live {
-            connection.driver.abort();
-        }
-    }
-}
-
-impl AppClient {
-    pub fn new(address: SocketAddr) -> Result<AppClient, http::uri::InvalidUri> {
-        Ok(AppClient {
-            address,
-            authority: Authority::try_from(address.to_string().as_str())?,
-            live: Mutex::new(None),
-            connecting: tokio::sync::Mutex::new(()),
-            rejecting: AtomicBool::new(false),
-        })
-    }
-
-    /// The local app's address.
-    pub fn address(&self) -> SocketAddr {
-        self.address
-    }
-
-    /// The pooled connection, unless it is known to be closed; with its `closed` flag.
+impl AppSlot {
+    /// The slot's connection, unless it is known to be closed; with its `closed` flag.
     fn current(&self) -> Option<(AppSender, Arc<AtomicBool>)> {
         let live = self
             .live
@@ -327,13 +298,68 @@ impl AppClient {
             .filter(|connection| !connection.closed.load(Ordering::Acquire))
             .map(|connection| (connection.sender.clone(), connection.closed.clone()))
     }
+}
 
-    async fn sender(&self) -> Result<(AppSender, Arc<AtomicBool>), AppError> {
-        if let Some(pooled) = self.current() {
+/// Multiplexed h2c connections to the local app ([`APP_CONNECTIONS`] of them), each re-opened
+/// when it drops (app restart).
+///
+/// It speaks h2 directly rather than through hyper's client: a call then needs no hand-off to a
+/// connection task and no extra task waiting for the response, which profiles showed per call.
+pub struct AppClient {
+    address: SocketAddr,
+    /// `address` as the `:authority` of every forwarded call, parsed once.
+    authority: Authority,
+    slots: [AppSlot; APP_CONNECTIONS],
+    /// Which slot the next call goes to.
+    next_slot: AtomicUsize,
+    /// Set while calls are being rejected, so a restarting app is logged once, not per call.
+    rejecting: AtomicBool,
+}
+
+impl Drop for AppClient {
+    /// A replaced connection's task ends on its own (it is closed or going away); the current
+    /// ones would idle on until the process exits.
+    fn drop(&mut self) {
+        for slot in &mut self.slots {
+            let live = slot
+                .live
+                .get_mut()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            if let Some(connection) = live {
+                connection.driver.abort();
+            }
+        }
+    }
+}
+
+impl AppClient {
+    pub fn new(address: SocketAddr) -> Result<AppClient, http::uri::InvalidUri> {
+        Ok(AppClient {
+            address,
+            authority: Authority::try_from(address.to_string().as_str())?,
+            slots: Default::default(),
+            next_slot: AtomicUsize::new(0),
+            rejecting: AtomicBool::new(false),
+        })
+    }
+
+    /// The local app's address.
+    pub fn address(&self) -> SocketAddr {
+        self.address
+    }
+
+    /// The slot the next call goes to.
+    fn next_slot(&self) -> &AppSlot {
+        let turn = self.next_slot.fetch_add(1, Ordering::Relaxed);
+        &self.slots[turn % APP_CONNECTIONS]
+    }
+
+    async fn sender(&self, slot: &AppSlot) -> Result<(AppSender, Arc<AtomicBool>), AppError> {
+        if let Some(pooled) = slot.current() {
             return Ok(pooled);
         }
-        let _connecting = self.connecting.lock().await;
-        if let Some(pooled) = self.current() {
+        let _connecting = slot.connecting.lock().await;
+        if let Some(pooled) = slot.current() {
             return Ok(pooled);
         }
         let failed = |reason: String| AppError {
@@ -359,7 +385,7 @@ impl AppClient {
             }
             closed_when_done.store(true, Ordering::Release);
         });
-        *self
+        *slot
             .live
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(AppConnection {
@@ -383,14 +409,15 @@ impl AppClient {
             reason: error.to_string(),
             failure: AppFailure::NotProcessed,
         };
-        let (sender, closed) = self.sender().await?;
+        let slot = self.next_slot();
+        let (sender, closed) = self.sender(slot).await?;
         let mut ready = match sender.ready().await {
             Ok(ready) => ready,
             Err(_) => {
                 // Marked rather than removed: a call racing this one may already have put a
                 // new connection in its place.
                 closed.store(true, Ordering::Release);
-                let (sender, _) = self.sender().await?;
+                let (sender, _) = self.sender(slot).await?;
                 sender.ready().await.map_err(failed)?
             }
         };
@@ -1448,6 +1475,74 @@ mod tests {
         let (sender, connection) = h2::client::handshake(client_io).await.unwrap();
         tokio::spawn(connection);
         (sender, server.await.unwrap().unwrap())
+    }
+
+    /// An h2c app on a real socket that answers every request with 200, counts the connections
+    /// it accepted, and closes all of them when told to (as a restarting app would).
+    async fn counting_app() -> (
+        SocketAddr,
+        Arc<std::sync::atomic::AtomicUsize>,
+        tokio::sync::watch::Sender<bool>,
+    ) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = accepted.clone();
+        let (hang_up, hung_up) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                counter.fetch_add(1, Ordering::SeqCst);
+                let mut hung_up = hung_up.clone();
+                tokio::spawn(async move {
+                    let mut connection = h2::server::handshake(stream).await.unwrap();
+                    loop {
+                        tokio::select! {
+                            request = connection.accept() => match request {
+                                Some(Ok((_, mut respond))) => {
+                                    let _ = respond.send_response(Response::new(()), true);
+                                }
+                                _ => break,
+                            },
+                            _ = hung_up.wait_for(|hung_up| *hung_up) => break,
+                        }
+                    }
+                });
+            }
+        });
+        (address, accepted, hang_up)
+    }
+
+    #[tokio::test]
+    async fn calls_to_the_app_are_spread_over_its_connections_and_each_is_reopened_after_a_loss() {
+        let (address, accepted, hang_up) = counting_app().await;
+        let app = AppClient::new(address).unwrap();
+        let call = || async {
+            let request = Request::post(format!("http://{address}/echo.Echo/Unary"))
+                .body(())
+                .unwrap();
+            let (response, _) = app.open(request, true).await.unwrap();
+            app.response(response).await.unwrap().status()
+        };
+        for _ in 0..(3 * APP_CONNECTIONS) {
+            assert_eq!(call().await, http::StatusCode::OK);
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), APP_CONNECTIONS);
+
+        // The app closes every connection; once the client has seen each one end, every slot
+        // opens a new one.
+        hang_up.send_replace(true);
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while app.slots.iter().any(|slot| slot.current().is_some()) {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("the client sees the app's connections end");
+        hang_up.send_replace(false);
+        for _ in 0..(3 * APP_CONNECTIONS) {
+            assert_eq!(call().await, http::StatusCode::OK);
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 2 * APP_CONNECTIONS);
     }
 
     #[tokio::test]

@@ -625,27 +625,35 @@ const C128_TONIC: &str =
 const C128_H2LOAD: &str =
     "unary 256 B, c=128 (h2load): sidecar throughput ≥ 1.0× HAProxy pair and ≥ 0.5× direct";
 
+/// The sidecar's, the direct setup's and HAProxy's results in one scenario, if it ran all three.
+fn three_setups(
+    scenario: Option<&ScenarioResult>,
+) -> Option<(&SetupResult, &SetupResult, &SetupResult)> {
+    let s = scenario?;
+    Some((
+        s.setup(SetupKind::Sidecar)?,
+        s.setup(SetupKind::Direct)?,
+        s.setup(SetupKind::Haproxy)?,
+    ))
+}
+
 /// The c=1 latency target, judged on one scenario's results.
 fn c1_target(scenario: Option<&ScenarioResult>, name: &str, text: &'static str) -> Target {
-    let mut target = Target {
+    let Some((side, direct, haproxy)) = three_setups(scenario) else {
+        return Target {
+            text,
+            verdict: None,
+            detail: format!("needs {name} with direct, sidecar and haproxy"),
+        };
+    };
+    let p50 = |r: &SetupResult| r.percentile_ns(50.0) as i64;
+    let added = p50(side) - p50(direct);
+    let haproxy_added = p50(haproxy) - p50(direct);
+    let p99 = side.percentile_ns(99.0) as f64 / direct.percentile_ns(99.0).max(1) as f64;
+    Target {
         text,
-        verdict: None,
-        detail: format!("needs {name} with direct, sidecar and haproxy"),
-    };
-    let Some(s) = scenario else {
-        return target;
-    };
-    if let (Some(side), Some(direct), Some(haproxy)) = (
-        s.setup(SetupKind::Sidecar),
-        s.setup(SetupKind::Direct),
-        s.setup(SetupKind::Haproxy),
-    ) {
-        let p50 = |r: &SetupResult| r.percentile_ns(50.0) as i64;
-        let added = p50(side) - p50(direct);
-        let haproxy_added = p50(haproxy) - p50(direct);
-        let p99 = side.percentile_ns(99.0) as f64 / direct.percentile_ns(99.0).max(1) as f64;
-        target.verdict = Some(added <= 150_000 && added <= haproxy_added && p99 <= 2.0);
-        target.detail = format!(
+        verdict: Some(added <= 150_000 && added <= haproxy_added && p99 <= 2.0),
+        detail: format!(
             "p50 {} vs {} (adds {:.0} µs; HAProxy adds {:.0} µs); p99 {} vs {} ({p99:.2}×)",
             fmt_ns(side.percentile_ns(50.0)),
             fmt_ns(direct.percentile_ns(50.0)),
@@ -653,37 +661,31 @@ fn c1_target(scenario: Option<&ScenarioResult>, name: &str, text: &'static str) 
             haproxy_added as f64 / 1e3,
             fmt_ns(side.percentile_ns(99.0)),
             fmt_ns(direct.percentile_ns(99.0)),
-        );
+        ),
     }
-    target
 }
 
 /// The c=128 throughput target, judged on one scenario's results.
 fn c128_target(scenario: Option<&ScenarioResult>, name: &str, text: &'static str) -> Target {
-    let mut target = Target {
+    let Some((side, direct, haproxy)) = three_setups(scenario) else {
+        return Target {
+            text,
+            verdict: None,
+            detail: format!("needs {name} with direct, sidecar and haproxy"),
+        };
+    };
+    let vs_h = side.throughput() / haproxy.throughput();
+    let vs_d = side.throughput() / direct.throughput();
+    Target {
         text,
-        verdict: None,
-        detail: format!("needs {name} with direct, sidecar and haproxy"),
-    };
-    let Some(s) = scenario else {
-        return target;
-    };
-    if let (Some(side), Some(direct), Some(haproxy)) = (
-        s.setup(SetupKind::Sidecar),
-        s.setup(SetupKind::Direct),
-        s.setup(SetupKind::Haproxy),
-    ) {
-        let vs_h = side.throughput() / haproxy.throughput();
-        let vs_d = side.throughput() / direct.throughput();
-        target.verdict = Some(vs_h >= 1.0 && vs_d >= 0.5);
-        target.detail = format!(
+        verdict: Some(vs_h >= 1.0 && vs_d >= 0.5),
+        detail: format!(
             "{} calls/s: {vs_h:.2}× haproxy ({}), {vs_d:.2}× direct ({})",
             fmt_rate(side.throughput()),
             fmt_rate(haproxy.throughput()),
             fmt_rate(direct.throughput()),
-        );
+        ),
     }
-    target
 }
 
 /// Evaluates the targets against the results; `None` where the run lacks the figures.

@@ -21,7 +21,7 @@ use std::{
     net::SocketAddr,
     pin::Pin,
     sync::{
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering},
         Arc,
     },
     task::{ready, Context, Poll},
@@ -87,6 +87,8 @@ pub struct EchoState {
     capacity: std::sync::Mutex<Option<Arc<tokio::sync::Semaphore>>>,
     /// Extra service time added to every unary call, settable while serving (a pod gone slow).
     slowdown_ms: AtomicU64,
+    /// The HTTP/2 stream limit each new connection announces; 0: none.
+    streams_per_connection: AtomicU32,
 }
 
 impl EchoState {
@@ -143,6 +145,13 @@ impl EchoState {
             .capacity
             .lock()
             .unwrap_or_else(|poison| poison.into_inner()) = semaphore;
+    }
+
+    /// Announces at most `streams` concurrent calls on each connection accepted from now on
+    /// (`SETTINGS_MAX_CONCURRENT_STREAMS`, as Kestrel does with 100); `None`: no limit.
+    pub fn limit_streams_per_connection(&self, streams: Option<u32>) {
+        self.streams_per_connection
+            .store(streams.unwrap_or(0), Ordering::SeqCst);
     }
 
     /// Adds `ms` of service time to every unary call from now on (0: back to normal).
@@ -761,9 +770,10 @@ async fn accept_loop(
                     let http = http.clone();
                     connections.spawn(async move {
                         let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-                        // Like tonic's server: no stream limit, so that limits under test are
-                        // the sidecar's own.
-                        builder.max_concurrent_streams(None);
+                        // Like tonic's server, no stream limit unless a test asks for one, so
+                        // that limits under test are the sidecar's own.
+                        let streams = http.state.streams_per_connection.load(Ordering::SeqCst);
+                        builder.max_concurrent_streams((streams > 0).then_some(streams));
                         let _ = builder.serve_connection(TokioIo::new(stream), http).await;
                     });
                 }

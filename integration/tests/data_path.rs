@@ -464,6 +464,62 @@ async fn thousand_concurrent_unary_calls_all_succeed() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_past_the_apps_per_connection_limit_are_all_answered_while_the_first_stay_open() {
+    // The app allows 100 calls per HTTP/2 connection (Kestrel's default) and every stream
+    // stays open, as a producer streaming to many consumers keeps them: the serving sidecar
+    // must open connections enough for all, not queue the 201st behind streams that never end.
+    const STREAMS: u32 = 250;
+    let pipeline = Pipeline::start().await;
+    pipeline
+        .echo
+        .state()
+        .limit_streams_per_connection(Some(100));
+    let client = pipeline.client().await;
+    let mut streams = JoinSet::new();
+    for i in 0..STREAMS {
+        let mut client = client.clone();
+        streams.spawn(async move {
+            let payload = distinct_payload(i, 32);
+            let (requests, pending) = tokio::sync::mpsc::channel(1);
+            let _ = requests.send(echo_request(payload.clone())).await;
+            let answered = async {
+                let mut replies = client
+                    .bidi(ReceiverStream::new(pending))
+                    .await?
+                    .into_inner();
+                let first = replies.message().await?;
+                Ok::<_, Status>((first.map(|reply| reply.payload), replies))
+            }
+            .await;
+            // The request side and the replies are handed back, so the stream stays open.
+            (i, payload, answered, requests)
+        });
+    }
+    let answered = within(
+        LIMIT,
+        "first replies of 250 open streams",
+        streams.join_all(),
+    )
+    .await;
+    let mut failures = Vec::new();
+    let mut open = Vec::new();
+    for (i, payload, answered, requests) in answered {
+        match answered {
+            Ok((Some(first), replies)) if first == payload => open.push((requests, replies)),
+            Ok((first, _)) => failures.push(format!("stream {i}: first reply {first:?}")),
+            Err(status) => failures.push(format!("stream {i}: {}", describe(&status))),
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {STREAMS} streams failed, e.g. {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    assert_eq!(open.len(), STREAMS as usize);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Metadata, statuses and trailers
 

@@ -276,32 +276,140 @@ struct AppConnection {
 /// Connections to the local app that calls are spread over, in turn.
 ///
 /// More than one, because an app reads each HTTP/2 connection in one loop (hyper, Kestrel and
-/// grpc-go alike): with every call on one connection the app's frame work runs on one core,
-/// and its per-connection stream limit (Kestrel: 100) caps the calls in flight to it.
+/// grpc-go alike): with every call on one connection the app's frame work runs on one core.
 const APP_CONNECTIONS: usize = 2;
 
-/// One of [`APP_CONNECTIONS`] connections: opened on first use, re-opened when it drops.
+/// The most connections opened to the app. Past the first [`APP_CONNECTIONS`], one is opened
+/// only when every open connection carries as many calls as the app allows on one (its
+/// `SETTINGS_MAX_CONCURRENT_STREAMS`; Kestrel's default is 100): otherwise h2 would queue the
+/// next call until one of those streams ended, which for a fan-out of long server streams is
+/// never. 64 of Kestrel's connections hold 6,400 calls; beyond that calls do wait in h2.
+const MAX_APP_CONNECTIONS: usize = 64;
+
+/// The most calls put on one connection to the app, whatever it allows. Until the app's
+/// SETTINGS frame arrives h2 assumes no limit, so a burst of calls at an app's start would all
+/// land on the first connections and queue there; 100 is what RFC 9113 (section 6.5.2) asks
+/// servers to allow at least, and Kestrel's default.
+const CALLS_PER_APP_CONNECTION: usize = 100;
+
+/// One connection to the app: opened on first use, re-opened when it drops.
 #[derive(Default)]
 struct AppSlot {
     live: Mutex<Option<AppConnection>>,
     connecting: tokio::sync::Mutex<()>,
+    /// Calls that chose this slot and have not ended (see [`OnAppConnection`]). Counted from
+    /// the choice on, so a burst that arrives while the connection is being opened is spread
+    /// by the same count as later calls.
+    in_flight: Arc<AtomicUsize>,
+}
+
+/// A slot's open connection, as a call uses it.
+struct Pooled {
+    sender: AppSender,
+    closed: Arc<AtomicBool>,
 }
 
 impl AppSlot {
-    /// The slot's connection, unless it is known to be closed; with its `closed` flag.
-    fn current(&self) -> Option<(AppSender, Arc<AtomicBool>)> {
+    /// The slot's connection, unless it is known to be closed.
+    fn current(&self) -> Option<Pooled> {
         let live = self
             .live
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         live.as_ref()
             .filter(|connection| !connection.closed.load(Ordering::Acquire))
-            .map(|connection| (connection.sender.clone(), connection.closed.clone()))
+            .map(|connection| Pooled {
+                sender: connection.sender.clone(),
+                closed: connection.closed.clone(),
+            })
+    }
+
+    fn state(&self) -> SlotState {
+        let live = self
+            .live
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let in_flight = self.in_flight.load(Ordering::Relaxed);
+        match live.as_ref() {
+            Some(connection) if !connection.closed.load(Ordering::Acquire) => SlotState {
+                open: true,
+                in_flight,
+                limit: connection
+                    .sender
+                    .current_max_send_streams()
+                    .min(CALLS_PER_APP_CONNECTION),
+            },
+            _ => SlotState {
+                open: false,
+                in_flight,
+                limit: CALLS_PER_APP_CONNECTION,
+            },
+        }
     }
 }
 
-/// Multiplexed h2c connections to the local app ([`APP_CONNECTIONS`] of them), each re-opened
-/// when it drops (app restart).
+/// What choosing a connection for a call needs to know of one slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct SlotState {
+    /// Whether a connection is open (else a call there opens one, or waits for the one being
+    /// opened).
+    open: bool,
+    /// Calls that chose the slot and have not ended.
+    in_flight: usize,
+    /// The calls the app allows on one connection, at most [`CALLS_PER_APP_CONNECTION`].
+    limit: usize,
+}
+
+impl SlotState {
+    fn has_room(self) -> bool {
+        self.in_flight < self.limit
+    }
+}
+
+/// The slot (of `slots`) a call goes to, given its `turn` among the first [`APP_CONNECTIONS`]:
+/// that slot while it has room; else an open connection with room; else the first slot not
+/// open with room (a connection being opened, or a new one); else (every slot full) the turn's
+/// slot, where h2 holds the call until a stream ends. `state_of` is asked about the turn's slot
+/// first and about the others only when it is full, so a steady call looks at one slot.
+fn choose_app_slot(slots: usize, turn: usize, state_of: impl Fn(usize) -> SlotState) -> usize {
+    let turn = turn % APP_CONNECTIONS.min(slots);
+    if state_of(turn).has_room() {
+        return turn;
+    }
+    let mut first_unopened = None;
+    for index in 0..slots {
+        let state = state_of(index);
+        if !state.has_room() {
+            continue;
+        }
+        if state.open {
+            return index;
+        }
+        first_unopened.get_or_insert(index);
+    }
+    first_unopened.unwrap_or(turn)
+}
+
+/// Held by a call for as long as it uses its connection to the app, so that connection's
+/// count of calls in flight stays true.
+struct OnAppConnection(Arc<AtomicUsize>);
+
+impl OnAppConnection {
+    fn new(in_flight: Arc<AtomicUsize>) -> OnAppConnection {
+        in_flight.fetch_add(1, Ordering::Relaxed);
+        OnAppConnection(in_flight)
+    }
+}
+
+impl Drop for OnAppConnection {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Multiplexed h2c connections to the local app ([`APP_CONNECTIONS`] in turn, up to
+/// [`MAX_APP_CONNECTIONS`] when the app's per-connection stream limit is reached), each
+/// re-opened when it drops (app restart).
 ///
 /// It speaks h2 directly rather than through hyper's client: a call then needs no hand-off to a
 /// connection task and no extra task waiting for the response, which profiles showed per call.
@@ -309,8 +417,8 @@ pub struct AppClient {
     address: SocketAddr,
     /// `address` as the `:authority` of every forwarded call, parsed once.
     authority: Authority,
-    slots: [AppSlot; APP_CONNECTIONS],
-    /// Which slot the next call goes to.
+    slots: Box<[AppSlot]>,
+    /// Whose turn it is among the first [`APP_CONNECTIONS`] slots.
     next_slot: AtomicUsize,
     /// Set while calls are being rejected, so a restarting app is logged once, not per call.
     rejecting: AtomicBool,
@@ -320,7 +428,7 @@ impl Drop for AppClient {
     /// A replaced connection's task ends on its own (it is closed or going away); the current
     /// ones would idle on until the process exits.
     fn drop(&mut self) {
-        for slot in &mut self.slots {
+        for slot in self.slots.iter_mut() {
             let live = slot
                 .live
                 .get_mut()
@@ -337,7 +445,9 @@ impl AppClient {
         Ok(AppClient {
             address,
             authority: Authority::try_from(address.to_string().as_str())?,
-            slots: Default::default(),
+            slots: (0..MAX_APP_CONNECTIONS)
+                .map(|_| AppSlot::default())
+                .collect(),
             next_slot: AtomicUsize::new(0),
             rejecting: AtomicBool::new(false),
         })
@@ -348,13 +458,15 @@ impl AppClient {
         self.address
     }
 
-    /// The slot the next call goes to.
-    fn next_slot(&self) -> &AppSlot {
+    /// The slot the next call goes to (see [`choose_app_slot`]), counted there from now on.
+    fn next_slot(&self) -> (&AppSlot, OnAppConnection) {
         let turn = self.next_slot.fetch_add(1, Ordering::Relaxed);
-        &self.slots[turn % APP_CONNECTIONS]
+        let chosen =
+            &self.slots[choose_app_slot(self.slots.len(), turn, |index| self.slots[index].state())];
+        (chosen, OnAppConnection::new(chosen.in_flight.clone()))
     }
 
-    async fn sender(&self, slot: &AppSlot) -> Result<(AppSender, Arc<AtomicBool>), AppError> {
+    async fn sender(&self, slot: &AppSlot) -> Result<Pooled, AppError> {
         if let Some(pooled) = slot.current() {
             return Ok(pooled);
         }
@@ -393,35 +505,44 @@ impl AppClient {
             closed: closed.clone(),
             driver: driver.abort_handle(),
         });
-        Ok((sender, closed))
+        Ok(Pooled { sender, closed })
     }
 
     /// Opens the call's stream to the app and queues its headers. Nothing has reached the app
     /// when this fails. A connection that turns out dead or going away (the app restarted, or
-    /// sent GOAWAY) is replaced once.
+    /// sent GOAWAY) is replaced once. The call holds the returned [`OnAppConnection`] until
+    /// it ends.
     async fn open(
         &self,
         request: Request<()>,
         end_of_stream: bool,
-    ) -> Result<(h2::client::ResponseFuture, h2::SendStream<Bytes>), AppError> {
+    ) -> Result<
+        (
+            h2::client::ResponseFuture,
+            h2::SendStream<Bytes>,
+            OnAppConnection,
+        ),
+        AppError,
+    > {
         let failed = |error: h2::Error| AppError {
             address: self.address,
             reason: error.to_string(),
             failure: AppFailure::NotProcessed,
         };
-        let slot = self.next_slot();
-        let (sender, closed) = self.sender(slot).await?;
-        let mut ready = match sender.ready().await {
+        let (slot, on_connection) = self.next_slot();
+        let pooled = self.sender(slot).await?;
+        let mut ready = match pooled.sender.ready().await {
             Ok(ready) => ready,
             Err(_) => {
                 // Marked rather than removed: a call racing this one may already have put a
                 // new connection in its place.
-                closed.store(true, Ordering::Release);
-                let (sender, _) = self.sender(slot).await?;
-                sender.ready().await.map_err(failed)?
+                pooled.closed.store(true, Ordering::Release);
+                let pooled = self.sender(slot).await?;
+                pooled.sender.ready().await.map_err(failed)?
             }
         };
-        ready.send_request(request, end_of_stream).map_err(failed)
+        let (response, send) = ready.send_request(request, end_of_stream).map_err(failed)?;
+        Ok((response, send, on_connection))
     }
 
     /// The app's response headers.
@@ -1150,7 +1271,7 @@ async fn handle_call<S, B>(
         let Some(opened) = unless_cancelled(&mut send, app.open(app_request, false)).await else {
             return;
         };
-        let (response, mut app_send) = match opened {
+        let (response, mut app_send, _on_app_connection) = match opened {
             Ok(opened) => opened,
             Err(error) => {
                 reject(&mut send, app, error).await;
@@ -1520,7 +1641,7 @@ mod tests {
             let request = Request::post(format!("http://{address}/echo.Echo/Unary"))
                 .body(())
                 .unwrap();
-            let (response, _) = app.open(request, true).await.unwrap();
+            let (response, _, _) = app.open(request, true).await.unwrap();
             app.response(response).await.unwrap().status()
         };
         for _ in 0..(3 * APP_CONNECTIONS) {
@@ -1543,6 +1664,146 @@ mod tests {
             assert_eq!(call().await, http::StatusCode::OK);
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 2 * APP_CONNECTIONS);
+    }
+
+    fn open_with(in_flight: usize) -> SlotState {
+        SlotState {
+            open: true,
+            in_flight,
+            limit: 100,
+        }
+    }
+
+    fn unopened_with(in_flight: usize) -> SlotState {
+        SlotState {
+            open: false,
+            in_flight,
+            limit: 100,
+        }
+    }
+
+    #[test]
+    fn a_call_takes_its_turn_among_the_first_connections_while_that_one_has_room() {
+        let states = [open_with(10), open_with(99), unopened_with(0)];
+        let chosen = |turn| choose_app_slot(states.len(), turn, |index| states[index]);
+        assert_eq!((chosen(0), chosen(1), chosen(2), chosen(3)), (0, 1, 0, 1));
+        // A connection not opened yet (or lost) has room while fewer calls wait for it than
+        // one connection takes: the call opens it, or waits for the one being opened.
+        let states = [unopened_with(99), open_with(3)];
+        assert_eq!(choose_app_slot(2, 0, |index| states[index]), 0);
+    }
+
+    #[test]
+    fn a_call_whose_connection_is_full_goes_to_one_with_room_and_only_then_to_a_new_one() {
+        let states = [
+            open_with(100),
+            open_with(100),
+            unopened_with(0),
+            open_with(40),
+        ];
+        assert_eq!(choose_app_slot(states.len(), 0, |index| states[index]), 3);
+        let states = [open_with(100), open_with(100), unopened_with(0)];
+        assert_eq!(choose_app_slot(states.len(), 1, |index| states[index]), 2);
+        // A burst while the connections are still being opened: the first two take 100 each,
+        // the next one the rest.
+        let states = [unopened_with(100), unopened_with(100), unopened_with(7)];
+        assert_eq!(choose_app_slot(states.len(), 0, |index| states[index]), 2);
+        // Every slot full: the call waits its turn in h2.
+        let states = [open_with(100), open_with(100), open_with(100)];
+        assert_eq!(choose_app_slot(states.len(), 1, |index| states[index]), 1);
+        // An app that allows no calls right now gets none put on that connection.
+        let states = [
+            SlotState {
+                open: true,
+                in_flight: 0,
+                limit: 0,
+            },
+            open_with(0),
+        ];
+        assert_eq!(choose_app_slot(states.len(), 0, |index| states[index]), 1);
+    }
+
+    #[tokio::test]
+    async fn calls_past_the_apps_stream_limit_on_every_connection_get_a_new_connection_instead_of_waiting(
+    ) {
+        // An app that allows 100 streams per connection (Kestrel's default) and holds every call
+        // open, as a fan-out of long server streams does.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counter = accepted.clone();
+        let (arrived, mut arrivals) = tokio::sync::mpsc::unbounded_channel::<()>();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                counter.fetch_add(1, Ordering::SeqCst);
+                let arrived = arrived.clone();
+                tokio::spawn(async move {
+                    let mut connection = h2::server::Builder::new()
+                        .max_concurrent_streams(100)
+                        .handshake::<_, Bytes>(stream)
+                        .await
+                        .unwrap();
+                    let mut held = Vec::new();
+                    while let Some(Ok(call)) = connection.accept().await {
+                        held.push(call);
+                        let _ = arrived.send(());
+                    }
+                });
+            }
+        });
+        let app = AppClient::new(address).unwrap();
+        const CALLS: usize = 250;
+        let mut calls = Vec::new();
+        for _ in 0..CALLS {
+            let request = Request::post(format!("http://{address}/echo.Echo/Subscribe"))
+                .body(())
+                .unwrap();
+            calls.push(app.open(request, false).await.unwrap());
+        }
+        /// How many of the next `want` calls the app receives within 10 s.
+        async fn reached(
+            arrivals: &mut tokio::sync::mpsc::UnboundedReceiver<()>,
+            want: usize,
+        ) -> usize {
+            let mut reached = 0;
+            let _ = tokio::time::timeout(Duration::from_secs(10), async {
+                while reached < want && arrivals.recv().await.is_some() {
+                    reached += 1;
+                }
+            })
+            .await;
+            reached
+        }
+        assert_eq!(
+            reached(&mut arrivals, CALLS).await,
+            CALLS,
+            "calls that reached the app"
+        );
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            3,
+            "connections the app accepted"
+        );
+
+        // Calls that end give their room back: the last 100 (25 on each of the first two
+        // connections, 50 on the third) end, and the 150 after them fit on the same three.
+        calls.truncate(CALLS - 100);
+        for _ in 0..150 {
+            let request = Request::post(format!("http://{address}/echo.Echo/Subscribe"))
+                .body(())
+                .unwrap();
+            calls.push(app.open(request, false).await.unwrap());
+        }
+        assert_eq!(
+            reached(&mut arrivals, 150).await,
+            150,
+            "later calls that reached the app"
+        );
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            3,
+            "connections the app accepted"
+        );
     }
 
     #[tokio::test]

@@ -518,6 +518,13 @@ async fn streams_past_the_apps_per_connection_limit_are_all_answered_while_the_f
         &failures[..failures.len().min(5)]
     );
     assert_eq!(open.len(), STREAMS as usize);
+    // The operator is told once, not per call.
+    let log = pipeline.server.log_text();
+    assert_eq!(
+        log.matches("connections are at its stream limit").count(),
+        1,
+        "serving sidecar's log:\n{log}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -422,6 +422,9 @@ pub struct AppClient {
     next_slot: AtomicUsize,
     /// Set while calls are being rejected, so a restarting app is logged once, not per call.
     rejecting: AtomicBool,
+    /// Set once a connection past the first [`APP_CONNECTIONS`] has been opened, so that is
+    /// logged once.
+    spread_further: AtomicBool,
 }
 
 impl Drop for AppClient {
@@ -450,6 +453,7 @@ impl AppClient {
                 .collect(),
             next_slot: AtomicUsize::new(0),
             rejecting: AtomicBool::new(false),
+            spread_further: AtomicBool::new(false),
         })
     }
 
@@ -461,9 +465,20 @@ impl AppClient {
     /// The slot the next call goes to (see [`choose_app_slot`]), counted there from now on.
     fn next_slot(&self) -> (&AppSlot, OnAppConnection) {
         let turn = self.next_slot.fetch_add(1, Ordering::Relaxed);
-        let chosen =
-            &self.slots[choose_app_slot(self.slots.len(), turn, |index| self.slots[index].state())];
+        let index = choose_app_slot(self.slots.len(), turn, |index| self.slots[index].state());
+        if index >= APP_CONNECTIONS && !self.spread_further.load(Ordering::Relaxed) {
+            self.note_spread_further();
+        }
+        let chosen = &self.slots[index];
         (chosen, OnAppConnection::new(chosen.in_flight.clone()))
+    }
+
+    /// Logs, once, that calls now go past the first connections.
+    fn note_spread_further(&self) {
+        if !self.spread_further.swap(true, Ordering::Relaxed) {
+            let limit = self.slots[0].state().limit;
+            tracing::info!(app = %self.address, calls_per_connection = limit, most_connections = MAX_APP_CONNECTIONS, "the local app's connections are at its stream limit; opening more");
+        }
     }
 
     async fn sender(&self, slot: &AppSlot) -> Result<Pooled, AppError> {

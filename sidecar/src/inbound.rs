@@ -399,6 +399,17 @@ impl OnAppConnection {
         in_flight.fetch_add(1, Ordering::Relaxed);
         OnAppConnection(in_flight)
     }
+
+    /// Counts a call on a slot that has fewer than `limit`, in one step: with several runtime
+    /// threads, two calls must not both take a slot's last room.
+    fn within(in_flight: &Arc<AtomicUsize>, limit: usize) -> Option<OnAppConnection> {
+        in_flight
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |calls| {
+                (calls < limit).then_some(calls + 1)
+            })
+            .ok()
+            .map(|_| OnAppConnection(in_flight.clone()))
+    }
 }
 
 impl Drop for OnAppConnection {
@@ -465,11 +476,23 @@ impl AppClient {
     /// The slot the next call goes to (see [`choose_app_slot`]), counted there from now on.
     fn next_slot(&self) -> (&AppSlot, OnAppConnection) {
         let turn = self.next_slot.fetch_add(1, Ordering::Relaxed);
-        let index = choose_app_slot(self.slots.len(), turn, |index| self.slots[index].state());
-        if index >= APP_CONNECTIONS && !self.spread_further.load(Ordering::Relaxed) {
-            self.note_spread_further();
+        // Looked at again only when another thread took the chosen slot's last room meanwhile.
+        for _ in 0..self.slots.len() {
+            let index = choose_app_slot(self.slots.len(), turn, |index| self.slots[index].state());
+            let chosen = &self.slots[index];
+            let state = chosen.state();
+            if !state.has_room() {
+                // Every slot is full: the call waits in h2 on this one for a stream to end.
+                return (chosen, OnAppConnection::new(chosen.in_flight.clone()));
+            }
+            if let Some(counted) = OnAppConnection::within(&chosen.in_flight, state.limit) {
+                if index >= APP_CONNECTIONS && !self.spread_further.load(Ordering::Relaxed) {
+                    self.note_spread_further();
+                }
+                return (chosen, counted);
+            }
         }
-        let chosen = &self.slots[index];
+        let chosen = &self.slots[turn % APP_CONNECTIONS];
         (chosen, OnAppConnection::new(chosen.in_flight.clone()))
     }
 
@@ -1736,6 +1759,37 @@ mod tests {
             open_with(0),
         ];
         assert_eq!(choose_app_slot(states.len(), 0, |index| states[index]), 1);
+    }
+
+    #[test]
+    fn a_slot_counts_calls_only_up_to_its_limit_and_each_ended_call_frees_one() {
+        let in_flight = Arc::new(AtomicUsize::new(0));
+        let first = OnAppConnection::within(&in_flight, 2).expect("room for the first");
+        let second = OnAppConnection::within(&in_flight, 2).expect("room for the second");
+        assert!(OnAppConnection::within(&in_flight, 2).is_none());
+        assert_eq!(in_flight.load(Ordering::Relaxed), 2);
+        drop(first);
+        let third = OnAppConnection::within(&in_flight, 2).expect("room once one ended");
+        drop((second, third));
+        assert_eq!(in_flight.load(Ordering::Relaxed), 0);
+        // Eight threads racing for 100 places get exactly 100 of them.
+        let taken: Vec<OnAppConnection> = std::thread::scope(|scope| {
+            let racers: Vec<_> = (0..8)
+                .map(|_| {
+                    scope.spawn(|| {
+                        (0..50)
+                            .filter_map(|_| OnAppConnection::within(&in_flight, 100))
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            racers
+                .into_iter()
+                .flat_map(|racer| racer.join().expect("racer"))
+                .collect()
+        });
+        assert_eq!(taken.len(), 100);
+        assert_eq!(in_flight.load(Ordering::Relaxed), 100);
     }
 
     #[tokio::test]

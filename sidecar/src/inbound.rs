@@ -369,12 +369,18 @@ impl SlotState {
 /// The slot (of `slots`) a call goes to, given its `turn` among the first [`APP_CONNECTIONS`]:
 /// that slot while it has room; else an open connection with room; else the first slot not
 /// open with room (a connection being opened, or a new one); else (every slot full) the turn's
-/// slot, where h2 holds the call until a stream ends. `state_of` is asked about the turn's slot
-/// first and about the others only when it is full, so a steady call looks at one slot.
-fn choose_app_slot(slots: usize, turn: usize, state_of: impl Fn(usize) -> SlotState) -> usize {
+/// slot, where h2 holds the call until a stream ends. Returned with the state it was chosen by.
+/// `state_of` is asked about the turn's slot first and about the others only when it is full,
+/// so a steady call looks at one slot, once.
+fn choose_app_slot(
+    slots: usize,
+    turn: usize,
+    state_of: impl Fn(usize) -> SlotState,
+) -> (usize, SlotState) {
     let turn = turn % APP_CONNECTIONS.min(slots);
-    if state_of(turn).has_room() {
-        return turn;
+    let turn_state = state_of(turn);
+    if turn_state.has_room() {
+        return (turn, turn_state);
     }
     let mut first_unopened = None;
     for index in 0..slots {
@@ -383,11 +389,11 @@ fn choose_app_slot(slots: usize, turn: usize, state_of: impl Fn(usize) -> SlotSt
             continue;
         }
         if state.open {
-            return index;
+            return (index, state);
         }
-        first_unopened.get_or_insert(index);
+        first_unopened.get_or_insert((index, state));
     }
-    first_unopened.unwrap_or(turn)
+    first_unopened.unwrap_or((turn, turn_state))
 }
 
 /// Held by a call for as long as it uses its connection to the app, so that connection's
@@ -477,11 +483,13 @@ impl AppClient {
     fn next_slot(&self) -> (&AppSlot, OnAppConnection) {
         let turn = self.next_slot.fetch_add(1, Ordering::Relaxed);
         // Looked at again only when another thread took the chosen slot's last room meanwhile.
-        for _ in 0..self.slots.len() {
-            let index = choose_app_slot(self.slots.len(), turn, |index| self.slots[index].state());
+        let mut tries = self.slots.len();
+        loop {
+            let (index, state) =
+                choose_app_slot(self.slots.len(), turn, |index| self.slots[index].state());
             let chosen = &self.slots[index];
-            let state = chosen.state();
-            if !state.has_room() {
+            tries -= 1;
+            if !state.has_room() || tries == 0 {
                 // Every slot is full: the call waits in h2 on this one for a stream to end.
                 return (chosen, OnAppConnection::new(chosen.in_flight.clone()));
             }
@@ -492,8 +500,6 @@ impl AppClient {
                 return (chosen, counted);
             }
         }
-        let chosen = &self.slots[turn % APP_CONNECTIONS];
-        (chosen, OnAppConnection::new(chosen.in_flight.clone()))
     }
 
     /// Logs, once, that calls now go past the first connections.
@@ -1723,12 +1729,12 @@ mod tests {
     #[test]
     fn a_call_takes_its_turn_among_the_first_connections_while_that_one_has_room() {
         let states = [open_with(10), open_with(99), unopened_with(0)];
-        let chosen = |turn| choose_app_slot(states.len(), turn, |index| states[index]);
+        let chosen = |turn| choose_app_slot(states.len(), turn, |index| states[index]).0;
         assert_eq!((chosen(0), chosen(1), chosen(2), chosen(3)), (0, 1, 0, 1));
         // A connection not opened yet (or lost) has room while fewer calls wait for it than
         // one connection takes: the call opens it, or waits for the one being opened.
         let states = [unopened_with(99), open_with(3)];
-        assert_eq!(choose_app_slot(2, 0, |index| states[index]), 0);
+        assert_eq!(choose_app_slot(2, 0, |index| states[index]).0, 0);
     }
 
     #[test]
@@ -1739,16 +1745,16 @@ mod tests {
             unopened_with(0),
             open_with(40),
         ];
-        assert_eq!(choose_app_slot(states.len(), 0, |index| states[index]), 3);
+        assert_eq!(choose_app_slot(states.len(), 0, |index| states[index]).0, 3);
         let states = [open_with(100), open_with(100), unopened_with(0)];
-        assert_eq!(choose_app_slot(states.len(), 1, |index| states[index]), 2);
+        assert_eq!(choose_app_slot(states.len(), 1, |index| states[index]).0, 2);
         // A burst while the connections are still being opened: the first two take 100 each,
         // the next one the rest.
         let states = [unopened_with(100), unopened_with(100), unopened_with(7)];
-        assert_eq!(choose_app_slot(states.len(), 0, |index| states[index]), 2);
+        assert_eq!(choose_app_slot(states.len(), 0, |index| states[index]).0, 2);
         // Every slot full: the call waits its turn in h2.
         let states = [open_with(100), open_with(100), open_with(100)];
-        assert_eq!(choose_app_slot(states.len(), 1, |index| states[index]), 1);
+        assert_eq!(choose_app_slot(states.len(), 1, |index| states[index]).0, 1);
         // An app that allows no calls right now gets none put on that connection.
         let states = [
             SlotState {
@@ -1758,7 +1764,7 @@ mod tests {
             },
             open_with(0),
         ];
-        assert_eq!(choose_app_slot(states.len(), 0, |index| states[index]), 1);
+        assert_eq!(choose_app_slot(states.len(), 0, |index| states[index]).0, 1);
     }
 
     #[test]

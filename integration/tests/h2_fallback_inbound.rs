@@ -150,9 +150,13 @@ async fn call(
     let (response, mut send) = ready
         .send_request(head, false)
         .map_err(|e| format!("send request: {e}"))?;
-    send.send_data(grpc_frame(request), true)
-        .map_err(|e| format!("send body: {e}"))?;
-    let response = response.await.map_err(|e| format!("response: {e}"))?;
+    // A server may answer before the body is sent (a refusal is trailers-only at once), and h2
+    // then refuses the body as sent to an ended stream: that is the call's answer, not a failure.
+    let body_sent = send.send_data(grpc_frame(request), true);
+    let response = response.await.map_err(|e| match &body_sent {
+        Err(send_error) => format!("send body: {send_error}"),
+        Ok(()) => format!("response: {e}"),
+    })?;
     let (parts, mut body) = response.into_parts();
     let mut data = BytesMut::new();
     while let Some(chunk) = body.data().await {

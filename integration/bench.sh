@@ -58,4 +58,4 @@ if [ "${#missing[@]}" -gt 0 ]; then
   fi
 fi
 
-exec target/release/bench "$@"
+exec "${CARGO_TARGET_DIR:-target}/release/bench" "$@"

@@ -86,6 +86,10 @@ if [ "$profile" = release ] && [ "$pgo" = yes ] && [[ " ${images[*]} " == *" loc
     elif [ ! -x "$pgo_binary" ]; then
         echo "build-image.sh: no profile-guided sidecar at $pgo_binary; the image gets the plain release one" >&2
         pgo_binary=""
+    elif [ "$pgo_binary" -ot "${binary[locality-sidecar]}" ]; then
+        # Built before the current release binary: from older code.
+        echo "build-image.sh: $pgo_binary is older than ${binary[locality-sidecar]}; the image gets the plain release one (run integration/pgo-build.sh)" >&2
+        pgo_binary=""
     fi
     [ -n "$pgo_binary" ] && binary[locality-sidecar]="$pgo_binary"
 fi

@@ -6,17 +6,27 @@
 # calls take it. Measured (BENCHMARKS.md, speed work): 15-25% less CPU per call than the plain
 # release build, at every concurrency. The code is the same; only optimisation choices differ.
 #
-# Usage: integration/pgo-build.sh
+# Usage: integration/pgo-build.sh [--force]
+#   --force  build and train again even when target/pgo/locality-sidecar is newer than the plain
+#            release sidecar (which cargo rebuilds only when the sources change)
 # Prints `pgo-binary PATH` on its last line (target/pgo/locality-sidecar, under CARGO_TARGET_DIR
-# when that is set). Builds the release
-# workspace binaries first (the benchmark and the echo server drive the training). Needs
-# llvm-profdata from the LLVM that rustc uses (`rustc -vV`): found as llvm-profdata-<major>,
-# through rustup's llvm-tools component, or installed from Debian (llvm-<major>) when this shell
-# may. Exits 3 when it cannot be found, so callers can fall back to the plain release build.
+# when that is set). Builds the release workspace binaries first (the benchmark and the echo
+# server drive the training). Needs llvm-profdata from the LLVM that rustc uses (`rustc -vV`):
+# found as llvm-profdata-<major>, through rustup's llvm-tools component, or installed from
+# Debian (llvm-<major>) when this shell may. Exits 3 when it cannot be found, so callers can
+# fall back to the plain release build.
 # Takes two more release builds of the sidecar than a plain build (~15 minutes on 2 cores).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
+
+force=no
+case "${1:-}" in
+    "") ;;
+    --force) force=yes ;;
+    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+    *) echo "pgo-build.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
+esac
 
 host=$(rustc -vV | sed -n 's/^host: //p')
 llvm_major=$(rustc -vV | sed -n 's/^LLVM version: \([0-9]*\).*/\1/p')
@@ -60,6 +70,14 @@ mkdir -p "$work"
 
 echo "== cargo build --release --workspace --bins (the benchmark and echo server for training)" >&2
 cargo build --release --workspace --bins >&2
+
+# Cargo touches the plain release sidecar only when its sources changed: a profile-guided
+# binary newer than it was built from the same code.
+if [ "$force" = no ] && [ "$work/locality-sidecar" -nt "$target_dir/release/locality-sidecar" ]; then
+    echo "== the profile-guided sidecar is up to date (--force builds it again)" >&2
+    echo "pgo-binary $work/locality-sidecar"
+    exit 0
+fi
 
 # --target keeps RUSTFLAGS off build scripts and proc macros (they would be instrumented too and
 # write profiles while the crate builds); separate target dirs keep target/release untouched.

@@ -14,7 +14,7 @@
 #   --no-build use the binaries already in target/<profile> instead of running cargo build
 #              (and a profile-guided sidecar already in target/pgo, if there is one)
 #   --no-pgo   release only: the plain release sidecar instead of the profile-guided one that
-#              integration/pgo-build.sh makes (15-25% less CPU per call; ~15 more minutes of
+#              integration/pgo-build.sh makes (15-28% less CPU per call; ~15 more minutes of
 #              build). Without llvm-profdata for rustc's LLVM the plain build goes in, with a warning
 #   --only     build one image: locality-sidecar or echo-server
 # Prints `image NAME REF` per image built. Installs buildah with apt when it is missing.

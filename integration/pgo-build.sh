@@ -33,6 +33,22 @@ host=$(rustc -vV | sed -n 's/^host: //p')
 llvm_major=$(rustc -vV | sed -n 's/^LLVM version: \([0-9]*\).*/\1/p')
 [ -n "$host" ] && [ -n "$llvm_major" ] || { echo "pgo-build.sh: cannot read rustc's host and LLVM version from rustc -vV" >&2; exit 1; }
 
+target_dir="${CARGO_TARGET_DIR:-$root/target}"
+work="$target_dir/pgo"
+raw="$work/raw"
+mkdir -p "$work"
+
+echo "== cargo build --release --workspace --bins (the benchmark and echo server for training)" >&2
+cargo build --release --workspace --bins >&2
+
+# Cargo touches the plain release sidecar only when its sources changed: a profile-guided
+# binary newer than it was built from the same code.
+if [ "$force" = no ] && [ "$work/locality-sidecar" -nt "$target_dir/release/locality-sidecar" ]; then
+    echo "== the profile-guided sidecar is up to date (--force builds it again)" >&2
+    echo "pgo-binary $work/locality-sidecar"
+    exit 0
+fi
+
 # llvm-profdata must read the raw profiles the instrumented binary writes, whose format follows
 # rustc's LLVM: take one of the same major version.
 find_profdata() {
@@ -62,22 +78,6 @@ fi
 if [ -z "$profdata" ]; then
     echo "pgo-build.sh: no llvm-profdata of LLVM $llvm_major (rustc's); install it (Debian: apt-get install llvm-$llvm_major; rustup: rustup component add llvm-tools)" >&2
     exit 3
-fi
-
-target_dir="${CARGO_TARGET_DIR:-$root/target}"
-work="$target_dir/pgo"
-raw="$work/raw"
-mkdir -p "$work"
-
-echo "== cargo build --release --workspace --bins (the benchmark and echo server for training)" >&2
-cargo build --release --workspace --bins >&2
-
-# Cargo touches the plain release sidecar only when its sources changed: a profile-guided
-# binary newer than it was built from the same code.
-if [ "$force" = no ] && [ "$work/locality-sidecar" -nt "$target_dir/release/locality-sidecar" ]; then
-    echo "== the profile-guided sidecar is up to date (--force builds it again)" >&2
-    echo "pgo-binary $work/locality-sidecar"
-    exit 0
 fi
 
 # --target keeps RUSTFLAGS off build scripts and proc macros (they would be instrumented too and

@@ -4,8 +4,8 @@
 # `--setups`, `--duration`, `--json`, `--svg`, `--allocations`, `--instructions`, `--help`).
 #
 # Builds every release binary (the sidecar and echo server are separate processes under test)
-# and the profile-guided sidecar that ships (integration/pgo-build.sh; `--no-pgo` measures the
-# plain release build instead, and LOCALITY_SIDECAR_BIN set by the caller picks any binary),
+# and the profile-guided, BOLT-laid-out sidecar that ships (integration/pgo-build.sh; `--no-pgo`
+# measures the plain release build instead, and LOCALITY_SIDECAR_BIN set by the caller picks any binary),
 # installs HAProxy, nginx and h2load from Debian when they are missing and this shell may install
 # packages, then runs target/release/bench. Without them the benchmark still runs: HAProxy's and
 # nginx's columns say "not installed", and the h2load-* scenarios are left out.

@@ -13,9 +13,10 @@
 #              <version>-debug so it never replaces the release image
 #   --no-build use the binaries already in target/<profile> instead of running cargo build
 #              (and a profile-guided sidecar already in target/pgo, if there is one)
-#   --no-pgo   release only: the plain release sidecar instead of the profile-guided one that
-#              integration/pgo-build.sh makes (15-28% less CPU per call; ~15 more minutes of
-#              build). Without llvm-profdata for rustc's LLVM the plain build goes in, with a warning
+#   --no-pgo   release only: the plain release sidecar instead of the profile-guided, BOLT-laid-out
+#              one that integration/pgo-build.sh makes (18-30% less CPU per call; ~17 more
+#              minutes of build). Without llvm-profdata for rustc's LLVM the plain build goes in,
+#              with a warning
 #   --only     build one image: locality-sidecar or echo-server
 # Prints `image NAME REF` per image built. Installs buildah with apt when it is missing.
 # Push with e.g. `buildah push localhost/locality-sidecar:0.1.0 docker://REGISTRY/locality-sidecar:0.1.0`

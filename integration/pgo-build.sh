@@ -49,10 +49,25 @@ mkdir -p "$work"
 echo "== cargo build --release --workspace --bins (the benchmark and echo server for training)" >&2
 cargo build --release --workspace --bins >&2
 
-# Cargo touches the plain release sidecar only when its sources changed: a profile-guided
-# binary newer than it was built from the same code.
-if [ "$force" = no ] && [ "$work/locality-sidecar" -nt "$target_dir/release/locality-sidecar" ]; then
-    echo "== the profile-guided sidecar is up to date (--force builds it again)" >&2
+# BOLT reads the finished binary, so any version will do; the one of rustc's LLVM first.
+find_bolt() {
+    local candidate
+    for candidate in "llvm-bolt-$llvm_major" "/usr/lib/llvm-$llvm_major/bin/llvm-bolt" llvm-bolt /usr/lib/llvm-*/bin/llvm-bolt; do
+        if command -v "$candidate" >/dev/null 2>&1; then
+            command -v "$candidate"
+            return 0
+        fi
+    done
+    return 1
+}
+# What the finished binary went through, written beside it: "pgo" or "pgo+bolt".
+wanted_kind=pgo
+[ "$bolt" = yes ] && find_bolt >/dev/null && wanted_kind=pgo+bolt
+# Cargo touches the plain release sidecar only when its sources changed: a finished binary newer
+# than it, made the way asked, was built from the same code.
+if [ "$force" = no ] && [ "$work/locality-sidecar" -nt "$target_dir/release/locality-sidecar" ] &&
+    [ "$(cat "$work/locality-sidecar.kind" 2>/dev/null)" = "$wanted_kind" ]; then
+    echo "== the profile-guided sidecar ($wanted_kind) is up to date (--force builds it again)" >&2
     echo "pgo-binary $work/locality-sidecar"
     exit 0
 fi
@@ -160,25 +175,16 @@ RUSTFLAGS="-Cprofile-use=$work/sidecar.profdata -Clink-arg=-Wl,--emit-relocs" \
 pgo_only="$work/use/$host/release/locality-sidecar"
 
 # A sidecar still running from the old binary keeps its file busy: the new one is renamed over it.
+# finish BINARY KIND
 finish() {
     cp "$1" "$work/locality-sidecar.new"
     mv -f "$work/locality-sidecar.new" "$work/locality-sidecar"
+    echo "$2" >"$work/locality-sidecar.kind"
     echo "pgo-binary $work/locality-sidecar"
     exit 0
 }
-[ "$bolt" = yes ] || finish "$pgo_only"
+[ "$bolt" = yes ] || finish "$pgo_only" pgo
 
-# BOLT reads the finished binary, so any version will do; the one of rustc's LLVM first.
-find_bolt() {
-    local candidate
-    for candidate in "llvm-bolt-$llvm_major" "/usr/lib/llvm-$llvm_major/bin/llvm-bolt" llvm-bolt /usr/lib/llvm-*/bin/llvm-bolt; do
-        if command -v "$candidate" >/dev/null 2>&1; then
-            command -v "$candidate"
-            return 0
-        fi
-    done
-    return 1
-}
 llvm_bolt=$(find_bolt || true)
 if [ -z "$llvm_bolt" ] && [ "$can_install" = yes ]; then
     echo "== installing bolt-$llvm_major (apt) for llvm-bolt" >&2
@@ -189,7 +195,7 @@ merge_fdata="$(dirname "$llvm_bolt")/merge-fdata"
 [ -x "$merge_fdata" ] || merge_fdata="$(dirname "$llvm_bolt")/merge-fdata-${llvm_bolt##*llvm-bolt-}"
 if [ -z "$llvm_bolt" ] || [ ! -x "$merge_fdata" ]; then
     echo "pgo-build.sh: no llvm-bolt and merge-fdata (Debian: apt-get install bolt-$llvm_major); the sidecar is profile-guided without BOLT's layout" >&2
-    finish "$pgo_only"
+    finish "$pgo_only" pgo
 fi
 
 # BOLT lays the profile-guided binary out again from where its branches went in the same
@@ -212,4 +218,4 @@ echo "== BOLT: laying out the sidecar from ${#branch_profiles[@]} profiles" >&2
     { echo "pgo-build.sh: llvm-bolt failed (log: $bolt_dir/optimize.log)" >&2; exit 1; }
 "$bolt_dir/locality-sidecar" --version >/dev/null ||
     { echo "pgo-build.sh: the binary BOLT wrote does not start" >&2; exit 1; }
-finish "$bolt_dir/locality-sidecar"
+finish "$bolt_dir/locality-sidecar" pgo+bolt

@@ -20,7 +20,9 @@ use tokio::time::Instant;
 
 use bytes::Bytes;
 use quinn::crypto::rustls::QuicClientConfig;
-use quinn::{AckFrequencyConfig, EndpointConfig, IdleTimeout, TransportConfig, VarInt};
+use quinn::{
+    AckFrequencyConfig, EndpointConfig, IdleTimeout, MtuDiscoveryConfig, TransportConfig, VarInt,
+};
 
 use crate::endpoints::ranking::{EndpointLoad, RankingWatch};
 use crate::metrics::{metrics, DirectionLabels, OpenPeerConnection};
@@ -43,9 +45,24 @@ const STREAM_RECEIVE_WINDOW: u32 = 2 * 1024 * 1024;
 const CONNECTION_RECEIVE_WINDOW: u32 = 64 * 1024 * 1024;
 const SEND_WINDOW: u64 = 64 * 1024 * 1024;
 /// Fits inside every common pod network: 1500-byte links with a VXLAN or Geneve overlay leave
-/// 1450, minus IPv6 and UDP headers 1402. quinn probes upward from here (to 1452) on its own;
-/// starting at quinn's internet-safe 1200 would cost ~15% more packets until discovery finishes.
+/// 1450, minus IPv6 and UDP headers 1402. quinn probes upward from here on its own (up to
+/// [`MAX_UDP_PAYLOAD`]); starting at quinn's internet-safe 1200 would cost ~15% more packets
+/// until discovery finishes.
 const INITIAL_MTU: u16 = 1400;
+/// The largest QUIC packet path-MTU discovery looks for, and that we accept. Pod networks with
+/// jumbo frames (AWS VPC CNI's 9001, GKE and Calico set up for 8,896 and more) then carry a
+/// 64 KiB message in 11 packets instead of 46, and per-packet work (encryption set-up, header
+/// protection, acknowledgements, one datagram's trip through the kernel) is most of what large
+/// messages cost. On 1500-byte paths the probes above 1452 are lost (the kernel refuses them
+/// locally) and packets stay at 1452; quinn drops back if a path shrinks later (black-hole
+/// detection). quinn's default stops at 1452. Not the 8,952 a 9000-byte frame would hold: quinn
+/// hands the kernel up to ten packets in one segmentation-offload write, which may not exceed
+/// 65,507 bytes (the largest UDP payload over IPv4); with 8,952-byte packets such writes were
+/// refused and every multi-packet burst was lost.
+const MAX_UDP_PAYLOAD: u16 = 6_500;
+/// quinn's most packets per segmentation-offload write (`MAX_TRANSMIT_SEGMENTS` in quinn).
+const PACKETS_PER_OFFLOAD_WRITE: usize = 10;
+const _: () = assert!(PACKETS_PER_OFFLOAD_WRITE * MAX_UDP_PAYLOAD as usize <= 65_507);
 /// Keep-alives keep conntrack entries of NATed pod networks alive and let the inbound side notice
 /// a caller that vanished.
 const KEEP_ALIVE: Duration = Duration::from_secs(5);
@@ -152,6 +169,7 @@ fn settings(keep_alive: Duration) -> TransportConfig {
         .receive_window(VarInt::from_u32(CONNECTION_RECEIVE_WINDOW))
         .send_window(SEND_WINDOW)
         .initial_mtu(INITIAL_MTU)
+        .mtu_discovery_config(Some(path_mtu_discovery()))
         .keep_alive_interval(Some(keep_alive))
         .initial_rtt(INITIAL_RTT)
         // 10 s always fits a VarInt of milliseconds; the fallback is never taken.
@@ -162,6 +180,13 @@ fn settings(keep_alive: Duration) -> TransportConfig {
         .max_ack_delay(Some(MAX_ACK_DELAY));
     config.ack_frequency_config(Some(ack_frequency));
     config
+}
+
+/// quinn's path-MTU discovery, searching up to [`MAX_UDP_PAYLOAD`].
+fn path_mtu_discovery() -> MtuDiscoveryConfig {
+    let mut discovery = MtuDiscoveryConfig::default();
+    discovery.upper_bound(MAX_UDP_PAYLOAD);
+    discovery
 }
 
 /// Binds a UDP socket with large kernel buffers for a quinn endpoint.
@@ -230,8 +255,11 @@ pub fn server_endpoint(
 fn endpoint_with(
     address: SocketAddr,
     server: Option<quinn::ServerConfig>,
-    config: EndpointConfig,
+    mut config: EndpointConfig,
 ) -> Result<quinn::Endpoint, TransportError> {
+    // Told to peers in the handshake: their discovery searches up to it too. A constant within
+    // QUIC's range (1200..=65527), so the error is never returned.
+    let _ = config.max_udp_payload_size(MAX_UDP_PAYLOAD);
     let socket = bind_udp(address)?;
     quinn::Endpoint::new(config, server, socket, Arc::new(SidecarQuicRuntime))
         .map_err(|source| TransportError::Bind { address, source })

@@ -3,6 +3,11 @@
 //! protoc comes from `protoc-bin-vendored` so that a fresh machine needs no system package.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // Without these cargo reruns the script, and so rebuilds the crate, whenever any file in the
+    // package changes, the shell scripts beside it included.
+    println!("cargo:rerun-if-changed=../proto/echo.proto");
+    println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-env-changed=PROTOC");
     // An explicit PROTOC wins, so a packager can still point at a system protoc.
     if std::env::var_os("PROTOC").is_none() {
         std::env::set_var("PROTOC", protoc_bin_vendored::protoc_bin_path()?);

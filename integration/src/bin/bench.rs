@@ -1194,7 +1194,23 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(args, sidecar_binary, echo_binary)) {
+    // A signal ends the run by dropping it, which stops every process it started (sidecars,
+    // proxies, echo servers) and removes its namespaces; dying on the signal would leave them
+    // running (Ctrl-C reaches them as a process group, `kill` does not).
+    let interrupted = runtime.block_on(async {
+        tokio::select! {
+            result = run(args, sidecar_binary, echo_binary) => Ok(result),
+            signal = stop_signal() => Err(signal),
+        }
+    });
+    let finished = match interrupted {
+        Ok(finished) => finished,
+        Err(signal) => {
+            eprintln!("bench: stopped by {signal}; the processes it started were stopped");
+            return ExitCode::FAILURE;
+        }
+    };
+    match finished {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => {
             eprintln!("bench: some setups failed (see the table)");
@@ -1204,5 +1220,21 @@ fn main() -> ExitCode {
             eprintln!("bench: {error:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Waits for SIGTERM or SIGINT and names it.
+async fn stop_signal() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut terminate), Ok(mut interrupt)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        // Without handlers the default action stays: the signal ends the process.
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = terminate.recv() => "SIGTERM",
+        _ = interrupt.recv() => "SIGINT",
     }
 }

@@ -56,13 +56,9 @@ const INITIAL_MTU: u16 = 1400;
 /// messages cost. On 1500-byte paths the probes above 1452 are lost (the kernel refuses them
 /// locally) and packets stay at 1452; quinn drops back if a path shrinks later (black-hole
 /// detection). quinn's default stops at 1452. Not the 8,952 a 9000-byte frame would hold: quinn
-/// hands the kernel up to ten packets in one segmentation-offload write, which may not exceed
-/// 65,507 bytes (the largest UDP payload over IPv4); with 8,952-byte packets such writes were
-/// refused and every multi-packet burst was lost.
-const MAX_UDP_PAYLOAD: u16 = 6_500;
-/// quinn's most packets per segmentation-offload write (`MAX_TRANSMIT_SEGMENTS` in quinn).
-const PACKETS_PER_OFFLOAD_WRITE: usize = 10;
-const _: () = assert!(PACKETS_PER_OFFLOAD_WRITE * MAX_UDP_PAYLOAD as usize <= 65_507);
+/// hands the kernel up to ten packets in one segmentation-offload write (fewer if the socket
+/// says so, see [`crate::wire::udp`]), and ten of 6,500 fit in one.
+pub(crate) const MAX_UDP_PAYLOAD: u16 = 6_500;
 /// Keep-alives keep conntrack entries of NATed pod networks alive and let the inbound side notice
 /// a caller that vanished.
 const KEEP_ALIVE: Duration = Duration::from_secs(5);

@@ -28,6 +28,11 @@ use quinn::udp::{RecvMeta, Transmit, UdpSocketState, BATCH_SIZE};
 use quinn::{AsyncTimer, AsyncUdpSocket, Runtime, TokioRuntime, UdpPoller};
 use tokio::io::{unix::AsyncFd, Interest};
 
+use crate::wire::quic::MAX_UDP_PAYLOAD;
+
+/// The most bytes one segmentation-offload write may carry: the largest UDP payload over IPv4.
+const MAX_OFFLOAD_WRITE: usize = 65_507;
+
 /// quinn's tokio runtime with [`ReadRegisteredUdp`] sockets; timers and tasks are tokio's.
 #[derive(Debug)]
 pub struct SidecarQuicRuntime;
@@ -128,7 +133,11 @@ impl AsyncUdpSocket for ReadRegisteredUdp {
     }
 
     fn max_transmit_segments(&self) -> usize {
-        self.state.max_gso_segments()
+        // The kernel refuses a longer write with EMSGSIZE, which quinn-udp drops silently (it
+        // expects that only of MTU probes): every multi-packet burst would be lost.
+        self.state
+            .max_gso_segments()
+            .min(MAX_OFFLOAD_WRITE / usize::from(MAX_UDP_PAYLOAD))
     }
 
     fn max_receive_segments(&self) -> usize {

@@ -230,3 +230,73 @@ async fn a_losing_hedge_is_cancelled_at_its_app_at_once() {
         .saturating_duration_since(answered_at);
     println!("losing hedge: its app saw the cancel {delay:?} after the winner answered");
 }
+
+/// A server stream whose caller stopped reading, cancelled while the QUIC connection it shares
+/// is blocked by connection-wide flow control: enough such streams filled the caller's window.
+/// quinn reports that block before the stream's STOP_SENDING, and the caller's sidecar returns
+/// one stream's worth of credit without raising the window, so only the stop watch can end the
+/// app's call (before it did, about one run in fifty of the 200-stream test below lost one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_server_stream_behind_a_full_connection_window_is_cancelled_at_once() {
+    // 48 streams × 2 MiB per-stream window is more than the connection's 64 MiB.
+    const STREAMS: usize = 48;
+    let pipeline = Pipeline::start().await;
+    let state = pipeline.echo.state();
+    let client = client(&pipeline).await;
+    // All opened before the first reply: once the connection's window is full, a new stream's
+    // response headers would wait behind it too. The app's pause before each reply keeps the
+    // window empty until then.
+    let opening = (0..STREAMS).map(|_| {
+        let mut client = client.clone();
+        let request = EchoRequest {
+            reply_size: 1024 * 1024,
+            reply_count: 1_000,
+            delay_ms: 300,
+            ..Default::default()
+        };
+        async move { client.server_stream(request).await }
+    });
+    // Held unread from here: the replies pile up in every window on the way.
+    let held: Vec<_> = within(
+        LIMIT,
+        "opening the streams",
+        futures::future::join_all(opening),
+    )
+    .await
+    .into_iter()
+    .map(|opened| opened.expect("server stream").into_inner())
+    .collect();
+    // Full once the app has produced nothing new for a while: every window is then used up.
+    let deadline = Instant::now() + LIMIT;
+    let mut produced = state.stream_bytes();
+    let mut quiet_since = Instant::now();
+    while quiet_since.elapsed() < Duration::from_secs(1) {
+        assert!(
+            Instant::now() < deadline,
+            "the replies never stopped flowing"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let now = state.stream_bytes();
+        if now != produced {
+            produced = now;
+            quiet_since = Instant::now();
+        }
+    }
+    assert!(
+        produced > 64 * 1024 * 1024,
+        "only {produced} bytes were produced: the connection's window cannot be full"
+    );
+    assert_eq!(state.calls_cancelled(), 0, "a call ended before the cancel");
+    let mut held = held;
+    drop(held.pop());
+    assert!(
+        state.wait_for_cancellations(1, CANCEL_BOUND).await,
+        "the app's call was not cancelled within {CANCEL_BOUND:?} of the app cancelling"
+    );
+    drop(held);
+    assert!(
+        state.wait_for_cancellations(STREAMS as u64, LIMIT).await,
+        "only {} of {STREAMS} cancelled streams were cancelled at the app",
+        state.calls_cancelled()
+    );
+}

@@ -1066,8 +1066,7 @@ trait PeerResponder: H3Send {
 /// when the peer stops wanting the answer (h3 keeps the QUIC stream to itself).
 struct H3Responder {
     stream: PeerSend,
-    stopped: Option<StopWatch>,
-    cancelled: bool,
+    stop: PeerStop,
     /// Everything sent on this stream goes with gRPC's usual fields implied (see
     /// [`grpc::imply_grpc_defaults`]), whoever wrote it: the app or this sidecar.
     implies_grpc_defaults: bool,
@@ -1081,21 +1080,74 @@ impl H3Responder {
     ) -> H3Responder {
         H3Responder {
             stream,
-            stopped,
-            cancelled: false,
+            stop: PeerStop {
+                watch: stopped,
+                stopped: false,
+            },
             implies_grpc_defaults,
         }
     }
 }
 
+/// The peer's STOP_SENDING on a response stream, seen once.
+struct PeerStop {
+    watch: Option<StopWatch>,
+    stopped: bool,
+}
+
+impl PeerStop {
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.stopped {
+            return Poll::Ready(());
+        }
+        let Some(watch) = &mut self.watch else {
+            return Poll::Pending;
+        };
+        let stop = std::task::ready!(watch.as_mut().poll(cx));
+        tracing::debug!(?stop, "peer cancelled its call");
+        // The watch is done; polling it again would be a bug.
+        self.watch = None;
+        self.stopped = true;
+        Poll::Ready(())
+    }
+}
+
+/// Why a write to a peer's HTTP/3 stream did not happen.
+#[derive(Debug, thiserror::Error)]
+enum ResponderError {
+    #[error(transparent)]
+    Stream(#[from] h3::error::StreamError),
+    #[error("the peer cancelled the stream")]
+    PeerCancelled,
+}
+
+/// `write`, unless the peer stops the stream first. quinn reports a write blocked by the
+/// connection's flow control before it looks at the stream's STOP_SENDING, and the caller's
+/// sidecar may never lift that block once every stream it reads from is stopped: a write that
+/// waited for it alone would keep the app's call open for good.
+async fn unless_stopped(
+    stop: &mut PeerStop,
+    write: impl std::future::Future<Output = Result<(), h3::error::StreamError>>,
+) -> Result<(), ResponderError> {
+    let mut write = std::pin::pin!(write);
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(written) = write.as_mut().poll(cx) {
+            return Poll::Ready(written.map_err(ResponderError::from));
+        }
+        stop.poll(cx).map(|()| Err(ResponderError::PeerCancelled))
+    })
+    .await
+}
+
 impl H3Send for H3Responder {
-    type Error = h3::error::StreamError;
+    type Error = ResponderError;
 
     fn send_data(
         &mut self,
         data: Bytes,
     ) -> impl std::future::Future<Output = Result<(), Self::Error>> + Send {
-        H3Send::send_data(&mut self.stream, data)
+        let write = H3Send::send_data(&mut self.stream, data);
+        unless_stopped(&mut self.stop, write)
     }
 
     fn send_trailers(
@@ -1105,11 +1157,13 @@ impl H3Send for H3Responder {
         if self.implies_grpc_defaults {
             grpc::imply_ok_status(&mut trailers);
         }
-        H3Send::send_trailers(&mut self.stream, trailers)
+        let write = H3Send::send_trailers(&mut self.stream, trailers);
+        unless_stopped(&mut self.stop, write)
     }
 
     fn finish(&mut self) -> impl std::future::Future<Output = Result<(), Self::Error>> + Send {
-        H3Send::finish(&mut self.stream)
+        let write = H3Send::finish(&mut self.stream);
+        unless_stopped(&mut self.stop, write)
     }
 
     fn reset(&mut self, code: H3Code) {
@@ -1117,18 +1171,7 @@ impl H3Send for H3Responder {
     }
 
     fn poll_cancelled(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        if self.cancelled {
-            return Poll::Ready(());
-        }
-        let Some(stopped) = &mut self.stopped else {
-            return Poll::Pending;
-        };
-        let stop = std::task::ready!(stopped.as_mut().poll(cx));
-        tracing::debug!(?stop, "peer cancelled its call");
-        // The watch is done; polling it again would be a bug.
-        self.stopped = None;
-        self.cancelled = true;
-        Poll::Ready(())
+        self.stop.poll(cx)
     }
 }
 
@@ -1142,7 +1185,8 @@ impl PeerResponder for H3Responder {
             grpc::imply_grpc_defaults(response.headers_mut());
         }
         // HTTP/3 ends a stream with a separate FIN, which the caller's `finish` sends.
-        self.stream.send_response(response)
+        let write = self.stream.send_response(response);
+        unless_stopped(&mut self.stop, write)
     }
 }
 

@@ -41,7 +41,8 @@ use crate::config::InboundLimits;
 use crate::limits::{admit, Full, Gate, Permit};
 use crate::metrics::{metrics, DirectionLabels, LimitLabels, OpenPeerConnection, StatusLabels};
 use crate::wire::body::{
-    pump_body, pump_into_h2, start_pump, H2RecvBody, H3RecvBody, H3Send, PumpEnd,
+    pump_body, pump_into_h2, start_pump, unless_cancelled_by, H2RecvBody, H3RecvBody, H3Send,
+    PumpEnd,
 };
 use crate::wire::field_memory::ReceivedFields;
 use crate::wire::grpc::strip_hop_by_hop;
@@ -1129,14 +1130,10 @@ async fn unless_stopped(
     stop: &mut PeerStop,
     write: impl std::future::Future<Output = Result<(), h3::error::StreamError>>,
 ) -> Result<(), ResponderError> {
-    let mut write = std::pin::pin!(write);
-    std::future::poll_fn(|cx| {
-        if let Poll::Ready(written) = write.as_mut().poll(cx) {
-            return Poll::Ready(written.map_err(ResponderError::from));
-        }
-        stop.poll(cx).map(|()| Err(ResponderError::PeerCancelled))
-    })
-    .await
+    match unless_cancelled_by(write, |cx| stop.poll(cx)).await {
+        Some(written) => written.map_err(ResponderError::from),
+        None => Err(ResponderError::PeerCancelled),
+    }
 }
 
 impl H3Send for H3Responder {
@@ -1437,14 +1434,7 @@ async fn unless_cancelled<S: H3Send, T>(
     send: &mut S,
     work: impl std::future::Future<Output = T>,
 ) -> Option<T> {
-    let mut work = std::pin::pin!(work);
-    let outcome = std::future::poll_fn(|cx| {
-        if let Poll::Ready(done) = work.as_mut().poll(cx) {
-            return Poll::Ready(Some(done));
-        }
-        send.poll_cancelled(cx).map(|()| None)
-    })
-    .await;
+    let outcome = unless_cancelled_by(work, |cx| send.poll_cancelled(cx)).await;
     if outcome.is_none() {
         metrics()
             .inbound_calls

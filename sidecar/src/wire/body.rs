@@ -295,6 +295,22 @@ pub enum PumpEnd {
     PeerGone(String),
 }
 
+/// `work`'s output, or `None` if `cancelled` is ready first. `work` is polled first, so work
+/// that is done wins over a cancel that came at the same time.
+pub async fn unless_cancelled_by<T>(
+    work: impl Future<Output = T>,
+    mut cancelled: impl FnMut(&mut Context<'_>) -> Poll<()>,
+) -> Option<T> {
+    let mut work = std::pin::pin!(work);
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(done) = work.as_mut().poll(cx) {
+            return Poll::Ready(Some(done));
+        }
+        cancelled(cx).map(|()| None)
+    })
+    .await
+}
+
 /// Copies `body` (DATA frames, then trailers) into `send` and finishes the stream. Never leaves
 /// the stream half-written: on a source failure it resets the stream, because quinn finishes a
 /// dropped send stream cleanly, which would pass a truncated body off as complete.
@@ -310,13 +326,8 @@ where
     loop {
         // The next frame, or the peer's cancel while waiting for it: a source that sends
         // rarely (a quiet server stream) must not keep the call alive after the peer left.
-        let next = std::future::poll_fn(|cx| {
-            if let Poll::Ready(frame) = Pin::new(&mut body).poll_frame(cx) {
-                return Poll::Ready(Some(frame));
-            }
-            send.poll_cancelled(cx).map(|()| None)
-        })
-        .await;
+        let frame = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx));
+        let next = unless_cancelled_by(frame, |cx| send.poll_cancelled(cx)).await;
         let Some(next) = next else {
             return PumpEnd::PeerGone("the peer cancelled the stream".to_string());
         };
